@@ -1,0 +1,301 @@
+"""Typed experiment configuration: dataclass defaults, YAML loading, dotted overrides, validation.
+
+Every default of the project lives here. YAML files under ``experiments/configs/`` mirror these
+dataclasses; ``key.sub=value`` overrides on the command line are parsed as YAML scalars and
+type-checked against the field they target. Errors name the offending key. This module imports
+nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("source_only", "oracle")
+DATASET_NAMES = ("cuhk-pedes", "icfg-pedes", "rstpreid", "synth-cuhk", "synth-icfg", "synth-rstp")
+BAD_RECORD_POLICIES = ("error", "skip")
+
+
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+@dataclass
+class DomainConfig:
+    """One dataset domain. ``root`` is the folder holding the annotation JSON and ``imgs/``;
+    empty for a SynthPEDES domain means the generated cache."""
+
+    name: str = "synth-cuhk"
+    root: str = ""
+    paired: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: DomainConfig = field(default_factory=lambda: DomainConfig(name="synth-cuhk"))
+    target: DomainConfig = field(default_factory=lambda: DomainConfig(name="synth-icfg"))
+    on_bad_record: str = "error"
+    image_height: int = 64
+    image_width: int = 32
+    text_length: int = 32
+    # Seed of the SynthPEDES generator and its cache folder ("" = ~/.cache/gckd_ray/synthpedes).
+    synth_seed: int = 0
+    synth_cache: str = ""
+    # Multiplies SynthPEDES id counts (tests use small fractions).
+    synth_scale: float = 1.0
+    # Decode every image once into memory (SynthPEDES); off for large real datasets.
+    cache_images: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """Dual encoder. ``pretrained`` is a local Hugging Face CLIP folder; empty builds the tiny
+    random CLIP below (the SynthPEDES default and tests)."""
+
+    pretrained: str = ""
+    embed_dim: int = 64
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    patch_size: int = 8
+
+
+@dataclass
+class LossWeights:
+    sdm: float = 1.0
+    itc: float = 0.0
+    id: float = 0.5
+
+
+@dataclass
+class LossConfig:
+    weights: LossWeights = field(default_factory=LossWeights)
+    sdm_temperature: float = 0.02
+    itc_temperature: float = 0.05
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    # Pairs per worker per step; identity-balanced: batch_size / instances_per_id identities.
+    batch_size: int = 64
+    instances_per_id: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.02
+    warmup_epochs: float = 1.0
+    grad_clip: float = 1.0
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    # Worker failures survived by restoring the last checkpoint.
+    max_failures: int = 2
+    log_every: int = 20
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    output_dir: str = "runs/default"
+    resume: bool = False
+
+
+@dataclass
+class Config:
+    method: str = "source_only"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def protocol(self) -> str:
+        return f"{self.data.source.name}->{self.data.target.name}"
+
+    def with_absolute_paths(self) -> "Config":
+        """A copy whose non-empty path fields are absolute (for processes in other cwds)."""
+        out = config_from_dict(self.to_dict())
+        for key in ("run.output_dir", "data.source.root", "data.target.root",
+                    "data.synth_cache", "model.pretrained"):
+            *parents, leaf = key.split(".")
+            holder = get_key(out, ".".join(parents))
+            if getattr(holder, leaf):
+                setattr(holder, leaf, str(Path(getattr(holder, leaf)).expanduser().resolve()))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> "Config":
+        """Range checks that types cannot express; raises ConfigError naming the key."""
+        _one_of("method", self.method, METHODS)
+        _one_of("data.source.name", self.data.source.name, DATASET_NAMES)
+        _one_of("data.target.name", self.data.target.name, DATASET_NAMES)
+        _one_of("data.on_bad_record", self.data.on_bad_record, BAD_RECORD_POLICIES)
+        for key in ("data.image_height", "data.image_width", "data.text_length", "train.epochs",
+                    "train.batch_size", "train.instances_per_id", "train.num_workers",
+                    "model.embed_dim", "model.hidden_size", "model.num_layers", "model.num_heads",
+                    "model.patch_size"):
+            _positive(key, get_key(self, key))
+        for key in ("train.lr", "train.cpus_per_worker", "data.synth_scale", "loss.sdm_temperature",
+                    "loss.itc_temperature"):
+            _positive(key, get_key(self, key))
+        for key in ("train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.max_failures",
+                    "loss.weights.sdm", "loss.weights.itc", "loss.weights.id"):
+            if get_key(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {get_key(self, key)}")
+        if self.train.batch_size % self.train.instances_per_id:
+            raise ConfigError(f"train.batch_size: must be a multiple of train.instances_per_id "
+                              f"({self.train.instances_per_id}), got {self.train.batch_size}")
+        if not self.model.pretrained and self.model.hidden_size % self.model.num_heads:
+            raise ConfigError(f"model.hidden_size: must be divisible by model.num_heads "
+                              f"({self.model.num_heads}), got {self.model.hidden_size}")
+        return self
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be > 0, got {value}")
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type; ints are accepted where floats are expected."""
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {annotation.__name__} fields, "
+                              f"got {type(value).__name__} {value!r}")
+        return _build(annotation, value, key + ".")
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {annotation}, got {type(value).__name__} {value!r}")
+    if annotation is type(None):
+        if value is None:
+            return None
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation in (int, bool, str):
+        if type(value) is annotation:
+            return value
+    else:
+        raise ConfigError(f"{key}: unsupported field type {annotation}")
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{key}: expected {name}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` -> ("a.b", YAML-parsed value)."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError(f"{text!r}: an override must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
+    if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+        value = float(value)  # YAML 1.1 reads "1e-4" as a string; users mean a number
+    return key.strip(), value
+
+
+def _nest(dotted: str, value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(dotted.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                ) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, type-checked and validated."""
+    data: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
+        data = loaded
+    for text in overrides:
+        key, value = parse_override(text)
+        data = _merge(data, _nest(key, value))
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    # Merge onto the full defaults so a partial nested mapping keeps its parent's defaults
+    # (data.target.root=x must not reset data.target.name to DomainConfig's default).
+    _build(Config, data)  # unknown keys and wrong types are reported against the user's input
+    return _build(Config, _merge(Config().to_dict(), data)).validate()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe_keys(cfg: Any = None, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """Every dotted key with its type name and default, for ``--help``."""
+    cfg = Config() if cfg is None else cfg
+    rows = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_keys(value, f"{prefix}{f.name}.")
+        else:
+            rows.append((prefix + f.name, getattr(hints[f.name], "__name__", str(hints[f.name])),
+                         value))
+    return rows
+
+
+def help_epilog() -> str:
+    lines = ["configuration keys (override any with key=value; YAML files use the same nesting):"]
+    lines += [f"  {key:<32} {kind:<6} default: {value!r}" for key, kind, value in describe_keys()]
+    lines += ["", f"methods: {', '.join(METHODS)}", f"datasets: {', '.join(DATASET_NAMES)}"]
+    return "\n".join(lines)

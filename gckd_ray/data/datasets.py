@@ -1,0 +1,228 @@
+"""Tensors a training step consumes: labelled source pairs, unpaired target streams, eval splits.
+
+Captions are tokenised once up front; images are decoded once into a uint8 cache (SynthPEDES)
+or on demand with a thread pool (large real datasets). Batches are index lists drawn by seeded,
+rank-aware samplers, so every worker sees a disjoint shard and a run is reproducible from
+``(seed, epoch)`` alone. The target training data is exposed as two independent streams (images,
+captions) carrying no ids and no pairing unless ``data.target.paired`` asks for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from dataclasses import dataclass
+
+import torch
+
+from gckd_ray.config import Config, DomainConfig
+from gckd_ray.data.formats import DomainRecords, load_domain, read_image
+from gckd_ray.data.tokenizer import Tokenizer
+from gckd_ray.data.transforms import pil_to_uint8
+
+
+class ImageSource:
+    """Unique images of one split, fetched as uint8 batches ``(B, 3, H, W)``."""
+
+    def __init__(self, paths: list[str], where: list[tuple[str, int]], size: tuple[int, int],
+                 cache: bool, threads: int = 4):
+        self.paths, self.where, self.size = paths, where, size
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads) if not cache else None
+        self._cache = self._decode(range(len(paths))) if cache else None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _load(self, i: int) -> torch.Tensor:
+        source, index = self.where[i]
+        return pil_to_uint8(read_image(self.paths[i], source, index), self.size)
+
+    def _decode(self, indices) -> torch.Tensor:
+        indices = list(indices)
+        out = torch.empty((len(indices), 3, *self.size), dtype=torch.uint8)
+        loaded = self._pool.map(self._load, indices) if self._pool else map(self._load, indices)
+        for row, img in enumerate(loaded):
+            out[row] = img
+        return out
+
+    def fetch(self, indices: torch.Tensor) -> torch.Tensor:
+        if self._cache is not None:
+            return self._cache[indices]
+        return self._decode(indices.tolist())
+
+
+@dataclass
+class Captions:
+    """Tokenised captions of one split: ``input_ids``/``attention_mask`` (N, L)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    truncated: int
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def take(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.input_ids[indices], self.attention_mask[indices]
+
+
+@dataclass
+class PairedSplit:
+    """One labelled split: caption i describes image ``image_of[i]`` of person ``labels[i]``.
+
+    ``labels`` are contiguous 0..num_ids-1 (ID-loss classes); ``pids`` keep the dataset's ids.
+    """
+
+    name: str
+    images: ImageSource
+    captions: Captions
+    image_of: torch.Tensor      # (N,) caption -> image row
+    labels: torch.Tensor        # (N,) contiguous person label per caption
+    image_labels: torch.Tensor  # (M,) contiguous person label per image
+    num_ids: int
+
+    def batch(self, caption_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids, mask = self.captions.take(caption_idx)
+        return {"images": self.images.fetch(self.image_of[caption_idx]), "input_ids": ids,
+                "attention_mask": mask, "pids": self.labels[caption_idx]}
+
+
+def build_split(domain: DomainRecords, tokenizer: Tokenizer, text_length: int,
+                image_size: tuple[int, int], cache_images: bool) -> PairedSplit:
+    """Index a split's records: unique images in first-seen order, contiguous person labels."""
+    if not domain.records:
+        raise ValueError(f"{domain.name}/{domain.split}: no records left to train or evaluate on")
+    image_row: dict[str, int] = {}
+    paths, where, image_pid = [], [], []
+    for rec in domain.records:
+        if rec.image_key not in image_row:
+            image_row[rec.image_key] = len(paths)
+            paths.append(rec.image_path)
+            where.append((rec.source, rec.index))
+            image_pid.append(rec.pid)
+    label_of = {pid: i for i, pid in enumerate(sorted(set(image_pid)))}
+    ids, mask, truncated = tokenizer.encode([r.caption for r in domain.records], text_length)
+    return PairedSplit(
+        name=f"{domain.name}/{domain.split}",
+        images=ImageSource(paths, where, image_size, cache_images),
+        captions=Captions(ids, mask, truncated),
+        image_of=torch.tensor([image_row[r.image_key] for r in domain.records]),
+        labels=torch.tensor([label_of[r.pid] for r in domain.records]),
+        image_labels=torch.tensor([label_of[p] for p in image_pid]),
+        num_ids=len(label_of),
+    )
+
+
+def load_records(cfg: Config, domain: DomainConfig, split: str) -> DomainRecords:
+    return load_domain(domain.name, domain.root, split, cfg.data.on_bad_record,
+                       cfg.data.synth_seed, cfg.data.synth_cache)
+
+
+def load_split(cfg: Config, domain: DomainConfig, split: str, tokenizer: Tokenizer,
+               verbose: bool = False) -> PairedSplit:
+    """Read, validate and index one labelled split; prints the reader's summary line."""
+    records = load_records(cfg, domain, split)
+    if verbose:
+        print(records.summary(), flush=True)
+    built = build_split(records, tokenizer, cfg.data.text_length,
+                        (cfg.data.image_height, cfg.data.image_width), cfg.data.cache_images)
+    if verbose and built.captions.truncated:
+        print(f"{built.name}: {built.captions.truncated} captions truncated to "
+              f"{cfg.data.text_length} tokens", flush=True)
+    return built
+
+
+def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + stream)
+
+
+class IdentityBalancedSampler:
+    """Batches of ``batch_size // instances`` identities x ``instances`` captions each.
+
+    Every identity appears once per epoch; identities with fewer captions than ``instances``
+    are sampled with replacement. Batches are dealt round-robin to ranks and trimmed so every
+    rank gets the same number of steps (collectives stay in lockstep).
+    """
+
+    def __init__(self, labels: torch.Tensor, batch_size: int, instances: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.batch_size, self.instances, self.seed = batch_size, instances, seed
+        self.rank, self.world_size = rank, world_size
+        order = torch.argsort(labels, stable=True)
+        counts = torch.bincount(labels)
+        self._members = torch.split(order, counts.tolist())
+        ids_per_batch = batch_size // instances
+        self.steps_per_epoch = len(self._members) // ids_per_batch // world_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self._members)} identities cannot fill one batch of "
+                             f"{ids_per_batch} identities on each of {world_size} workers")
+
+    def epoch(self, epoch: int) -> list[torch.Tensor]:
+        gen = _epoch_generator(self.seed, epoch, 0)
+        ids = torch.randperm(len(self._members), generator=gen)
+        picks = []
+        for pid in ids.tolist():
+            members = self._members[pid]
+            if len(members) >= self.instances:
+                chosen = members[torch.randperm(len(members), generator=gen)[: self.instances]]
+            else:
+                chosen = members[torch.randint(len(members), (self.instances,), generator=gen)]
+            picks.append(chosen)
+        flat = torch.cat(picks)
+        batches = list(flat.split(self.batch_size))
+        usable = self.steps_per_epoch * self.world_size
+        return batches[self.rank:usable:self.world_size]
+
+
+class UnpairedStreams:
+    """The target training set as the GCKD setting sees it: two independent streams.
+
+    ``epoch(e)`` yields ``(image_rows, caption_rows)`` per step, drawn from independent
+    permutations, so a caption batch says nothing about which image it describes. It holds no
+    ids at all: nothing downstream can read target labels from it.
+    """
+
+    def __init__(self, num_images: int, num_captions: int, batch_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        self.num_images, self.num_captions = num_images, num_captions
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+
+    def _stream(self, n: int, epoch: int, stream: int, steps: int) -> list[torch.Tensor]:
+        gen = _epoch_generator(self.seed, epoch, stream)
+        need = steps * self.world_size * self.batch_size
+        reps = -(-need // n)
+        flat = torch.cat([torch.randperm(n, generator=gen) for _ in range(reps)])[:need]
+        return list(flat.split(self.batch_size))[self.rank::self.world_size]
+
+    def epoch(self, epoch: int, steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        images = self._stream(self.num_images, epoch, 1, steps)
+        captions = self._stream(self.num_captions, epoch, 2, steps)
+        return list(zip(images, captions))
+
+
+@dataclass
+class UnpairedTarget:
+    """Target training data with ids and pairing removed: just images and captions.
+
+    Images are ordered by file key and captions by text, so not even row order hints at which
+    caption describes which image; shuffling captions across images or permuting ids in the
+    annotation file leaves this object unchanged.
+    """
+
+    images: ImageSource
+    captions: Captions
+
+
+def build_unpaired(domain: DomainRecords, tokenizer: Tokenizer, text_length: int,
+                   image_size: tuple[int, int], cache_images: bool) -> UnpairedTarget:
+    if not domain.records:
+        raise ValueError(f"{domain.name}/{domain.split}: no records left to adapt on")
+    first: dict[str, tuple[str, str, int]] = {}
+    for rec in domain.records:
+        first.setdefault(rec.image_key, (rec.image_path, rec.source, rec.index))
+    keys = sorted(first)
+    paths = [first[k][0] for k in keys]
+    where = [(first[k][1], first[k][2]) for k in keys]
+    ids, mask, truncated = tokenizer.encode(sorted(r.caption for r in domain.records), text_length)
+    return UnpairedTarget(ImageSource(paths, where, image_size, cache_images),
+                          Captions(ids, mask, truncated))

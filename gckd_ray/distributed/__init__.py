@@ -1,0 +1,1 @@
+"""The one place that knows Ray (Train, actors) and, later, DeepSpeed."""

@@ -1,0 +1,76 @@
+"""Driver side of a training run: prepare data and tokenizer, start the Ray Train job.
+
+Runs in the driver process only. Data preparation (SynthPEDES generation, tokenizer build)
+happens here once, before any worker starts, so workers never race to create them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from gckd_ray.config import Config
+from gckd_ray.data.datasets import load_records
+from gckd_ray.data.tokenizer import WordTokenizer
+from gckd_ray.distributed.results import format_table, results_path, write_results
+from gckd_ray.distributed.runtime import init_ray
+
+
+def prepare_tokenizer(cfg: Config) -> str:
+    """A local CLIP folder brings its BPE; otherwise build a word vocabulary from the training
+    captions of both domains (captions only: no ids, no pairing)."""
+    if cfg.model.pretrained:
+        return cfg.model.pretrained
+    captions = [r.caption for domain in (cfg.data.source, cfg.data.target)
+                for r in load_records(cfg, domain, "train").records]
+    out = Path(cfg.run.output_dir) / "tokenizer"
+    WordTokenizer.build(captions).save(out)
+    return str(out)
+
+
+def _run_name(cfg: Config, storage: Path) -> str:
+    """A fresh name per run; ``run.resume`` reuses the last one so Ray Train restores it."""
+    latest = storage / "LATEST"
+    if cfg.run.resume and latest.is_file():
+        return latest.read_text().strip()
+    name = time.strftime("train-%Y%m%d-%H%M%S")
+    storage.mkdir(parents=True, exist_ok=True)
+    latest.write_text(name)
+    return name
+
+
+def run_training(cfg: Config) -> dict[str, Any]:
+    """Run ``cfg`` as a Ray Train job; write and return results.json."""
+    cfg = cfg.with_absolute_paths()  # workers run in another working directory
+    output = Path(cfg.run.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = prepare_tokenizer(cfg)
+    init_ray()
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from gckd_ray.distributed.worker import train_loop_per_worker
+
+    storage = output / "ray"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "tokenizer_dir": str(Path(tokenizer_dir).resolve())},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+            resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=_run_name(cfg, storage), storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint under {storage}")
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = json.loads((Path(ckpt_dir) / "state.json").read_text())
+    results = write_results(cfg, state["history"])
+    print(format_table(results), flush=True)
+    print(f"results: {results_path(cfg)}\ncheckpoint: {result.checkpoint.path}", flush=True)
+    return results

@@ -1,0 +1,39 @@
+"""``results.json``: the run's final metrics and per-epoch history (DESIGN.md §9)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from gckd_ray.config import Config
+from gckd_ray.distributed.checkpointing import atomic_write_text
+
+METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
+SELECTION = "last epoch (fixed schedule; no target labels used for selection)"
+
+
+def results_path(cfg: Config) -> Path:
+    return Path(cfg.run.output_dir) / "results.json"
+
+
+def write_results(cfg: Config, history: list[dict[str, Any]]) -> dict[str, Any]:
+    final = history[-1]
+    results = {
+        "protocol": cfg.protocol,
+        "method": cfg.method,
+        "selection": SELECTION,
+        "final": {k: final[k] for k in METRIC_KEYS},
+        "history": history,
+    }
+    path = results_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(results, indent=1))
+    return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    header = f"{'protocol':<24} {'method':<12} " + " ".join(f"{k:>7}" for k in METRIC_KEYS)
+    row = (f"{results['protocol']:<24} {results['method']:<12} "
+           + " ".join(f"{results['final'][k]:7.2f}" for k in METRIC_KEYS))
+    return f"{header}\n{row}\nselection: {results['selection']}"

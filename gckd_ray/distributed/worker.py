@@ -1,0 +1,134 @@
+"""``train_loop_per_worker``: what every Ray Train worker runs.
+
+Reads like single-process PyTorch: Ray appears only in ``get_context``, ``prepare_model``,
+``get_checkpoint`` and ``report``. One epoch = identity-balanced passes over the labelled
+split; after each epoch the target test split is encoded (sharded over workers, gathered),
+scored, and a checkpoint (carrying the metric history) is reported.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+
+from gckd_ray.config import Config, config_from_dict
+from gckd_ray.data.datasets import IdentityBalancedSampler, PairedSplit, load_split
+from gckd_ray.data.tokenizer import load_tokenizer
+from gckd_ray.data.transforms import TrainAugment, normalize
+from gckd_ray.distributed.checkpointing import load_training_state, save_checkpoint
+from gckd_ray.evaluate import evaluate_split
+from gckd_ray.model.retriever import build_retriever
+
+
+def _labelled_split_name(cfg: Config) -> tuple[str, Any]:
+    # The oracle trains on target labels: a measurement-only upper bound, never a GCKD input.
+    if cfg.method == "oracle":
+        return "train", cfg.data.target
+    return "train", cfg.data.source
+
+
+def _lr_lambda(cfg: Config, steps_per_epoch: int):
+    warmup = max(1, int(cfg.train.warmup_epochs * steps_per_epoch))
+    total = max(warmup + 1, cfg.train.epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+    return factor
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_epoch(model, optimizer, scheduler, split: PairedSplit, sampler, augment, epoch: int,
+                cfg: Config, device: torch.device, log: bool) -> dict[str, float]:
+    """One pass of identity-balanced batches; returns mean of each named loss."""
+    model.train()
+    sums: dict[str, float] = {}
+    batches = sampler.epoch(epoch)
+    start = time.perf_counter()
+    for step, idx in enumerate(batches):
+        batch = _to_device(split.batch(idx), device)
+        images = normalize(augment(batch.pop("images")))
+        losses = model(images, **batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.item()
+        if log and (step + 1) % cfg.train.log_every == 0:
+            rate = (step + 1) / (time.perf_counter() - start)
+            terms = " ".join(f"{k}={v / (step + 1):.4f}" for k, v in sums.items())
+            print(f"[epoch {epoch + 1}/{cfg.train.epochs}] step {step + 1}/{len(batches)} "
+                  f"{terms} lr={scheduler.get_last_lr()[0]:.2e} {rate:.1f} it/s", flush=True)
+    return {k: v / len(batches) for k, v in sums.items()}
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg = config_from_dict(loop_config["cfg"])
+    tokenizer_dir = loop_config["tokenizer_dir"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    tokenizer = load_tokenizer(tokenizer_dir)
+
+    split_name, domain = _labelled_split_name(cfg)
+    train_split = load_split(cfg, domain, split_name, tokenizer, verbose=rank == 0)
+    test_split = load_split(cfg, cfg.data.target, "test", tokenizer, verbose=rank == 0)
+    sampler = IdentityBalancedSampler(train_split.labels, cfg.train.batch_size,
+                                      cfg.train.instances_per_id, cfg.run.seed, rank, world)
+
+    torch.manual_seed(cfg.run.seed)  # identical init on every rank
+    model = ray.train.torch.prepare_model(build_retriever(cfg, tokenizer, train_split.num_ids))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
+                                  weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(cfg, sampler.steps_per_epoch))
+    state: dict[str, Any] = {"epoch": 0, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_training_state(ckpt_dir, _unwrap(model), optimizer, scheduler)
+        if rank == 0:
+            print(f"resumed from checkpoint after epoch {state['epoch']}", flush=True)
+
+    augment = TrainAugment(seed=cfg.run.seed * 7919 + rank)
+    for epoch in range(state["epoch"], cfg.train.epochs):
+        losses = train_epoch(model, optimizer, scheduler, train_split, sampler, augment, epoch,
+                             cfg, device, log=rank == 0)
+        metrics = evaluate_split(_unwrap(model).encoder, test_split, device)
+        state = {"epoch": epoch + 1,
+                 "history": state["history"] + [{"epoch": epoch + 1, **losses, **metrics}]}
+        _report(cfg, model, optimizer, scheduler, state, tokenizer_dir, rank)
+        if rank == 0:
+            print(f"[epoch {epoch + 1}/{cfg.train.epochs}] target {test_split.name}: "
+                  + " ".join(f"{k}={metrics[k]:.2f}" for k in ("R1", "R5", "R10", "mAP", "mINP")),
+                  flush=True)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def _report(cfg, model, optimizer, scheduler, state, tokenizer_dir, rank) -> None:
+    metrics = dict(state["history"][-1])
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), model=_unwrap(model), optimizer=optimizer,
+                        scheduler=scheduler, state=state, cfg=cfg, tokenizer_dir=tokenizer_dir)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

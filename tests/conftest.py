@@ -1,0 +1,52 @@
+"""Shared fixtures. Ray stays on loopback: the variable is set before anything imports ray."""
+
+import os
+
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.pop("RAY_ADDRESS", None)  # tests never join a cluster they did not start
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from gckd_ray.config import load_config  # noqa: E402
+
+# Small SynthPEDES for fast end-to-end tests (id counts x SYNTH_SCALE).
+SYNTH_SCALE = 0.1
+
+
+@pytest.fixture(scope="session")
+def synth_cache(tmp_path_factory) -> Path:
+    """A SynthPEDES cache folder shared by the session's tests (generated on first use)."""
+    from gckd_ray.data.synthetic import ensure_synthetic
+
+    cache = tmp_path_factory.mktemp("synth-cache")
+    ensure_synthetic(str(cache), seed=0, scale=SYNTH_SCALE)
+    return cache
+
+
+@pytest.fixture
+def tiny_config(synth_cache, tmp_path):
+    """A config for quick end-to-end runs on the small SynthPEDES."""
+    def make(*overrides: str):
+        return load_config(None, [
+            f"data.synth_cache={synth_cache}", f"data.synth_scale={SYNTH_SCALE}",
+            f"run.output_dir={tmp_path / 'run'}",
+            "train.epochs=1", "train.batch_size=16", "train.instances_per_id=2",
+            "model.hidden_size=32", "model.embed_dim=32", "model.num_layers=1",
+            "model.num_heads=2", "train.log_every=5", *overrides])
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance (2 CPUs, loopback only) for the tests that need Ray."""
+    import ray
+
+    from gckd_ray.distributed.runtime import worker_env
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False,
+             runtime_env={"env_vars": worker_env()}, logging_level="WARNING")
+    yield ray
+    ray.shutdown()

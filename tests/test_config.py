@@ -1,0 +1,90 @@
+"""Config: defaults, YAML + dotted overrides, errors that name the key, every YAML loads."""
+
+from pathlib import Path
+
+import pytest
+
+from gckd_ray.config import Config, ConfigError, describe_keys, load_config, save_config
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+
+
+def test_defaults_are_the_default_protocol():
+    cfg = load_config()
+    assert cfg.protocol == "synth-cuhk->synth-icfg"
+    assert cfg.train.num_workers == 2 and cfg.data.target.paired is False
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["train.epochs=3", "data.target.name=rstpreid", "train.lr=1e-4",
+                             "train.cpus_per_worker=1"])
+    assert cfg.train.epochs == 3 and cfg.data.target.name == "rstpreid"
+    assert cfg.train.lr == pytest.approx(1e-4) and isinstance(cfg.train.cpus_per_worker, float)
+    # A partial nested override keeps the sibling defaults of its parent.
+    cfg = load_config(None, ["data.target.root=/x"])
+    assert cfg.data.target.name == "synth-icfg" and cfg.data.target.root == "/x"
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train: {epochs: 7, lr: 0.01}\nmethod: oracle\n")
+    cfg = load_config(path, ["train.epochs=2"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.method) == (2, 0.01, "oracle")
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.epochz=3"], "train.epochz: unknown key"),
+    (["trian.epochs=3"], "trian: unknown key"),
+    (["train.epochs=three"], "train.epochs: expected int, got str"),
+    (["train.epochs=2.5"], "train.epochs: expected int, got float"),
+    (["train.use_gpu=1"], "train.use_gpu: expected bool, got int"),
+    (["train={a: 1}"], "train.a: unknown key"),
+    (["train=3"], "train: expected a mapping of TrainConfig fields"),
+    (["method=gckdd"], "method: must be one of"),
+    (["data.source.name=market"], "data.source.name: must be one of"),
+    (["data.on_bad_record=ignore"], "data.on_bad_record: must be one of error, skip"),
+    (["train.epochs=0"], "train.epochs: must be > 0"),
+    (["loss.sdm_temperature=-0.1"], "loss.sdm_temperature: must be > 0"),
+    (["train.batch_size=30", "train.instances_per_id=4"], "train.batch_size: must be a multiple"),
+    (["epochs"], "must look like key.sub=value"),
+])
+def test_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, override)
+    assert message in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = load_config(None, ["train.epochs=4", "data.target.paired=true"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+
+
+def test_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["run.output_dir=out", "data.source.root=src"]).with_absolute_paths()
+    assert cfg.run.output_dir == str(tmp_path / "out")
+    assert cfg.data.source.root == str(tmp_path / "src") and cfg.data.target.root == ""
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_experiment_yaml_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_help_lists_every_key():
+    keys = [k for k, _, _ in describe_keys()]
+    assert "train.epochs" in keys and "data.target.paired" in keys
+    assert len(keys) == len(set(keys))
