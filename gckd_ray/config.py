@@ -262,10 +262,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded
+    return config_from_dict(_apply_overrides(data, overrides))
+
+
+def _apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
     for text in overrides:
         key, value = parse_override(text)
         data = _merge(data, _nest(key, value))
-    return config_from_dict(data)
+    return data
+
+
+def override_config(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """``cfg`` with ``key=value`` overrides applied (e.g. on a checkpoint's saved config)."""
+    return config_from_dict(_apply_overrides(cfg.to_dict(), overrides))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -114,7 +114,7 @@ def build_split(domain: DomainRecords, tokenizer: Tokenizer, text_length: int,
 
 def load_records(cfg: Config, domain: DomainConfig, split: str) -> DomainRecords:
     return load_domain(domain.name, domain.root, split, cfg.data.on_bad_record,
-                       cfg.data.synth_seed, cfg.data.synth_cache)
+                       cfg.data.synth_seed, cfg.data.synth_cache, cfg.data.synth_scale)
 
 
 def load_split(cfg: Config, domain: DomainConfig, split: str, tokenizer: Tokenizer,

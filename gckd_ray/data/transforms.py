@@ -13,6 +13,8 @@ random erasing is not included.
 
 from __future__ import annotations
 
+import functools
+
 import PIL.Image
 import torch
 
@@ -37,10 +39,15 @@ def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:
     if batch_uint8.shape[-3] != 3:
         raise ValueError(f"normalize expects 3 channels at dim -3, got shape "
                          f"{tuple(batch_uint8.shape)}")
-    device = batch_uint8.device
-    mean = torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=device).view(3, 1, 1)
+    mean, std = _mean_std(batch_uint8.device)
     return (batch_uint8.float().div_(255.0) - mean).div_(std)
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Cached per device: building them every call is a blocking host-to-device copy on GPU.
+    return (torch.tensor(CLIP_MEAN, device=device).view(3, 1, 1),
+            torch.tensor(CLIP_STD, device=device).view(3, 1, 1))
 
 
 eval_transform = normalize
@@ -82,8 +89,9 @@ class TrainAugment:
         top = torch.randint(0, 2 * pad + 1, (b,), generator=self.generator)  # (B,)
         left = torch.randint(0, 2 * pad + 1, (b,), generator=self.generator)  # (B,)
 
-        device = images.device
-        flip, top, left = flip.to(device), top.to(device), left.to(device)
+        device = images.device  # one small copy of the draws to the images' device
+        flip, top, left = torch.stack([flip.long(), top, left]).to(device).unbind(0)
+        flip = flip.bool()
         out = torch.where(flip.view(b, 1, 1, 1), images.flip(-1), images)
         if pad == 0:
             return out

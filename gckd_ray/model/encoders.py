@@ -3,11 +3,12 @@
 Two details differ from calling ``CLIPModel`` as is:
 
 * **Non-square images.** CLIP's vision position embeddings are a square grid and HF's
-  ``interpolate_pos_encoding=True`` resamples them on *every* forward from a weight it reads
-  without calling the embedding module (under ZeRO-3 that weight is a partitioned stub). As IRRA
-  does, the table is resampled once at build time to the ``(H/p, W/p)`` grid and the vision
-  embeddings module is replaced by :class:`GridVisionEmbeddings`, which adds it through the
-  embedding module's own forward. Parameter names stay those of HF CLIP.
+  ``interpolate_pos_encoding=True`` resamples them on *every* forward, reading the weight
+  without calling the embedding module (ZeRO-3 gathers a parameter when its module runs, so it
+  may see a partitioned stub; not tried). As IRRA does, the table is resampled once at build
+  time to the ``(H/p, W/p)`` grid and the vision embeddings module is replaced by
+  :class:`GridVisionEmbeddings`, which adds it through the embedding module's own forward.
+  Parameter names stay those of HF CLIP.
 * **Text pooling.** The text embedding is taken at the first ``eos_id`` position, computed
   here. HF pools at ``argmax(input_ids)`` whenever the config says ``eos_token_id == 2`` (legacy
   OpenAI configs), which is only right when eos is the largest id in the vocabulary.

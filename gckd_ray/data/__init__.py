@@ -1,0 +1,1 @@
+"""Data: annotation readers, the SynthPEDES generator, transforms, tokenizers and torch datasets."""

@@ -1,0 +1,363 @@
+"""Readers for the three published text-based person search annotation formats.
+
+CUHK-PEDES (``reid_raw.json``), ICFG-PEDES (``ICFG-PEDES.json``) and RSTPReid
+(``data_captions.json``) are lists of per-image records under a ``root`` that also holds
+``imgs/``. `read_annotations` validates every record of the file, then flattens one split into
+`Record`s, one per caption. Bad input raises `DatasetFormatError` naming the file and the record
+index or, under ``on_bad_record="skip"``, is dropped and counted by cause so that nothing
+disappears silently. Images are only checked for existence and size here (real datasets hold
+40k+ images); `read_image` decodes them when a dataset asks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PureWindowsPath
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+IMAGE_DIR = "imgs"
+BAD_RECORD_POLICIES = ("error", "skip")
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    """Layout of one published annotation format."""
+
+    annotation: str           # annotation file name inside the dataset root
+    path_key: str             # record key holding the image path, relative to <root>/imgs/
+    splits: tuple[str, ...]   # split values the format uses
+
+
+FORMATS: Mapping[str, FormatSpec] = MappingProxyType({
+    "cuhk-pedes": FormatSpec("reid_raw.json", "file_path", ("train", "val", "test")),
+    "icfg-pedes": FormatSpec("ICFG-PEDES.json", "file_path", ("train", "test")),
+    "rstpreid": FormatSpec("data_captions.json", "img_path", ("train", "val", "test")),
+})
+
+# Each SynthPEDES domain is written in, and read back with, one real format.
+SYNTH_FORMATS: Mapping[str, str] = MappingProxyType({
+    "synth-cuhk": "cuhk-pedes", "synth-icfg": "icfg-pedes", "synth-rstp": "rstpreid",
+})
+DATASET_NAMES = (*FORMATS, *SYNTH_FORMATS)
+
+
+class DatasetFormatError(ValueError):
+    """Bad dataset input; the message names the file, and the record index when there is one."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One (image, caption) pair of an annotation file."""
+
+    image_path: str   # absolute path of the image file
+    image_key: str    # the image path exactly as written in the annotation (unique per image)
+    caption: str      # stripped, non-empty
+    pid: int          # person id as in the annotation
+    split: str        # "train" | "val" | "test"
+    source: str       # annotation file path (for error messages)
+    index: int        # record index in that annotation file (for error messages)
+
+
+@dataclass
+class DomainRecords:
+    """One split of one dataset: its records and what was skipped reading it."""
+
+    name: str
+    split: str
+    records: list[Record]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: captions, images, ids, and skipped items by cause."""
+        images = len({r.image_key for r in self.records})
+        ids = len({r.pid for r in self.records})
+        line = (f"{self.name}/{self.split}: {len(self.records)} captions, {images} images, "
+                f"{ids} ids")
+        if self.skipped:
+            causes = sorted(self.skipped.items(), key=lambda kv: (-kv[1], kv[0]))
+            detail = ", ".join(f"{cause}: {n}" for cause, n in causes)
+            line += f"; skipped {sum(self.skipped.values())} ({detail})"
+        return line
+
+
+class _BadRecord(Exception):
+    """A record that fails validation: `cause` is the skip counter, `detail` the message."""
+
+    def __init__(self, cause: str, detail: str) -> None:
+        super().__init__(detail)
+        self.cause = cause
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class _Checked:
+    split: str
+    key: str
+    pid: int
+    captions: list[str]
+    image_path: str
+
+
+def read_annotations(fmt: str, root: str | Path, split: str, on_bad_record: str = "error",
+                     name: str | None = None) -> DomainRecords:
+    """Read one split of a dataset in a published annotation format.
+
+    Every record of the file is validated (so a bad test record fails a train load under
+    ``"error"``); then the records of ``split`` are flattened to one `Record` per caption, in
+    file order. Under ``"skip"`` a bad record (for an empty caption, just that caption) is
+    dropped and counted by cause in ``skipped``; records of another valid split are not
+    counted, records whose split cannot be read are counted in every split's load.
+
+    Args:
+        fmt: "cuhk-pedes" | "icfg-pedes" | "rstpreid".
+        root: folder holding the annotation JSON and ``imgs/``.
+        split: "train" | "val" | "test" (must be one the format has).
+        on_bad_record: "error" | "skip".
+        name: dataset name for summaries; defaults to ``fmt``.
+
+    Returns:
+        The split's records and skip counts.
+
+    Raises:
+        DatasetFormatError: unreadable or malformed annotation file, a bad record under
+            ``"error"``, a split the format lacks, or a split left with no records.
+    """
+    spec = _format_spec(fmt)
+    if on_bad_record not in BAD_RECORD_POLICIES:
+        raise ValueError(f"on_bad_record must be one of {BAD_RECORD_POLICIES}, "
+                         f"got {on_bad_record!r}")
+    source = Path(root) / spec.annotation
+    if split not in spec.splits:
+        raise DatasetFormatError(f"{source}: no split {split!r}; {fmt} has splits "
+                                 f"{', '.join(spec.splits)}")
+    items = _load_json_list(source, spec)
+    image_root = os.path.abspath(Path(root) / IMAGE_DIR)
+    records: list[Record] = []
+    skipped: Counter[str] = Counter()
+    for index, item in enumerate(items):
+        try:
+            rec = _check_record(item, spec, fmt, image_root)
+        except _BadRecord as bad:
+            if on_bad_record == "error":
+                raise DatasetFormatError(f"{source}: record {index}: {bad.detail}") from None
+            if _readable_split(item, spec) in (None, split):
+                skipped[bad.cause] += 1
+            continue
+        captions = _kept_captions(rec.captions, on_bad_record, f"{source}: record {index}")
+        if rec.split != split:
+            continue
+        skipped["empty caption"] += len(rec.captions) - len(captions)
+        records.extend(Record(rec.image_path, rec.key, caption, rec.pid, split, str(source),
+                              index) for caption in captions)
+    domain = DomainRecords(name or fmt, split, records, {k: v for k, v in skipped.items() if v})
+    if not records:
+        raise DatasetFormatError(f"{source}: split {split!r} has no usable records "
+                                 f"({domain.summary()}; splits present: "
+                                 f"{_split_counts(items)})")
+    return domain
+
+
+def load_domain(name: str, root: str, split: str, on_bad_record: str = "error",
+                synth_seed: int = 0, synth_cache: str = "",
+                synth_scale: float = 1.0) -> DomainRecords:
+    """Read one split of a named dataset; SynthPEDES domains come from the generator's cache.
+
+    Args:
+        name: one of `DATASET_NAMES`.
+        root: folder holding the annotation JSON and ``imgs/``; for a synth-* domain ``""``
+            means the generated cache (``ensure_synthetic(synth_cache, synth_seed,
+            synth_scale) / name``).
+        split: "train" | "val" | "test".
+        on_bad_record: "error" | "skip".
+        synth_seed, synth_cache, synth_scale: the SynthPEDES generation to use.
+
+    Returns:
+        The split's records, named ``name``.
+    """
+    if name in SYNTH_FORMATS:
+        if not root:
+            # Imported here: the generator imports this module's format table.
+            from gckd_ray.data.synthetic import ensure_synthetic
+            root = str(ensure_synthetic(synth_cache, synth_seed, synth_scale) / name)
+        return read_annotations(SYNTH_FORMATS[name], root, split, on_bad_record, name=name)
+    if name not in FORMATS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+    if not root:
+        raise ValueError(f"dataset {name!r} needs a root: the folder holding "
+                         f"{FORMATS[name].annotation} and {IMAGE_DIR}/")
+    return read_annotations(name, root, split, on_bad_record, name=name)
+
+
+def read_image(path: str, source: str = "", index: int = -1) -> Image.Image:
+    """Fully decode an image file as 8-bit RGB.
+
+    Grayscale, palette, RGBA and 16-bit images are converted; 32-bit integer ("I") images
+    are read as 16-bit data when any value exceeds 255 (how 16-bit PNGs sometimes open).
+
+    Args:
+        path: image file.
+        source, index: annotation file and record index, for the error message.
+
+    Returns:
+        A decoded RGB image, its file closed.
+
+    Raises:
+        DatasetFormatError: missing, zero-byte, truncated or non-image file; the message
+            names ``source``, ``index`` and ``path``.
+    """
+    where = f"{source}: " if source else ""
+    where += f"record {index}: " if index >= 0 else ""
+    try:
+        size = os.stat(path).st_size
+    except OSError as err:
+        raise DatasetFormatError(f"{where}cannot read image {path}: "
+                                 f"{err.strerror or err}") from None
+    if size == 0:
+        raise DatasetFormatError(f"{where}image file is empty (0 bytes): {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return _to_rgb(image)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        # PIL reports truncation and garbage as OSError/SyntaxError/ValueError alike.
+        raise DatasetFormatError(f"{where}cannot decode image {path}: {err}") from None
+
+
+def _format_spec(fmt: str) -> FormatSpec:
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown annotation format {fmt!r}; known: {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def _load_json_list(source: Path, spec: FormatSpec) -> list[Any]:
+    """Parse the annotation file; errors name the file and the line/column."""
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
+        raise DatasetFormatError(f"{source}: annotation file not found (the root should hold "
+                                 f"{spec.annotation} and {IMAGE_DIR}/)") from None
+    except OSError as err:
+        raise DatasetFormatError(f"{source}: cannot read: {err.strerror or err}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DatasetFormatError(f"{source}: not UTF-8 at line {line} column {column}: "
+                                 f"{err.reason}") from None
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DatasetFormatError(f"{source}: invalid JSON at line {err.lineno} column "
+                                 f"{err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise DatasetFormatError(f"{source}: JSON nested too deeply") from None
+    if not isinstance(items, list):
+        raise DatasetFormatError(f"{source}: top level is a JSON {_json_type(items)}, "
+                                 f"expected a list of records")
+    return items
+
+
+def _check_record(item: Any, spec: FormatSpec, fmt: str, image_root: str) -> _Checked:
+    """Validate one record; raise `_BadRecord` naming the first problem found."""
+    if not isinstance(item, dict):
+        raise _BadRecord("malformed record", f"expected an object, got a JSON {_json_type(item)}")
+    for key in ("id", "captions", spec.path_key, "split"):
+        if key not in item:
+            raise _BadRecord("missing key", f"missing key {key!r}")
+    pid, captions, split, rel = item["id"], item["captions"], item["split"], item[spec.path_key]
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        raise _BadRecord("wrong type", f"'id' must be an integer, got {_json_type(pid)}")
+    if not isinstance(captions, list):
+        raise _BadRecord("wrong type", f"'captions' must be a list of strings, "
+                                       f"got {_json_type(captions)}")
+    for i, caption in enumerate(captions):
+        if not isinstance(caption, str):
+            raise _BadRecord("wrong type", f"'captions' item {i} must be a string, "
+                                           f"got {_json_type(caption)}")
+    if not isinstance(split, str):
+        raise _BadRecord("wrong type", f"'split' must be a string, got {_json_type(split)}")
+    if not isinstance(rel, str):
+        raise _BadRecord("wrong type", f"{spec.path_key!r} must be a string, "
+                                       f"got {_json_type(rel)}")
+    if split not in spec.splits:
+        raise _BadRecord("unknown split", f"unknown split {split!r} ({fmt} has "
+                                          f"{', '.join(spec.splits)})")
+    if not captions:
+        raise _BadRecord("no captions", "'captions' is empty")
+    return _Checked(split, rel, pid, captions, _image_file(rel, spec, image_root))
+
+
+def _image_file(rel: str, spec: FormatSpec, image_root: str) -> str:
+    """Absolute path of an annotated image, which must stay inside imgs/, exist and be non-empty."""
+    norm = posixpath.normpath(rel.replace("\\", "/")) if rel else ""
+    if (not rel or rel.startswith(("/", "\\")) or PureWindowsPath(rel).drive
+            or norm in (".", "..") or norm.startswith("../")):
+        raise _BadRecord("unsafe path", f"{spec.path_key} {rel!r} is not a relative path inside "
+                                        f"{IMAGE_DIR}/")
+    path = os.path.join(image_root, *norm.split("/"))
+    try:
+        stat = os.stat(path)
+    except OSError:
+        raise _BadRecord("missing image", f"image not found: {path}") from None
+    if not os.path.isfile(path):
+        raise _BadRecord("missing image", f"image is not a file: {path}")
+    if stat.st_size == 0:
+        raise _BadRecord("empty image", f"image file is empty (0 bytes): {path}")
+    return path
+
+
+def _kept_captions(captions: list[str], on_bad_record: str, where: str) -> list[str]:
+    """Stripped non-empty captions; an empty one is an error unless skipping."""
+    kept = []
+    for i, caption in enumerate(captions):
+        if caption.strip():
+            kept.append(caption.strip())
+        elif on_bad_record == "error":
+            raise DatasetFormatError(f"{where}: caption {i} is empty")
+    return kept
+
+
+def _readable_split(item: Any, spec: FormatSpec) -> str | None:
+    """The record's split when it is a valid one, else None (for skip accounting)."""
+    split = item.get("split") if isinstance(item, dict) else None
+    return split if isinstance(split, str) and split in spec.splits else None
+
+
+def _split_counts(items: list[Any]) -> str:
+    counts = Counter(str(item.get("split")) for item in items if isinstance(item, dict))
+    return ", ".join(f"{split} ({n} records)" for split, n in sorted(counts.items())) or "none"
+
+
+def _json_type(value: Any) -> str:
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+             dict: "object", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB copy of a decoded image."""
+    if image.mode.startswith("I") or image.mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(image), image.mode)).convert("RGB")
+    if image.mode == "PA" or (image.mode == "P" and "transparency" in image.info):
+        # Via RGBA, so palette transparency is dropped the way PIL documents.
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def _to_uint8(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Scale 16/32-bit integer or float grayscale pixels to 0..255."""
+    values = pixels.astype(np.float64)
+    if mode.startswith("I;16") or (mode == "I" and values.max(initial=0) > 255):
+        values = np.clip(values, 0, 65535) / 257.0
+    elif mode == "F" and values.max(initial=0) <= 1.0:
+        values = values * 255.0
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)

@@ -1,0 +1,157 @@
+"""Source supervision (IRRA): similarity-distribution matching, InfoNCE, identity classification.
+
+Data parallelism: each rank scores its *local* queries against the *global* keys (all ranks'
+embeddings, gathered with gradient) and averages over its local queries. With equal local batch
+sizes B on W ranks, the mean of the W rank losses is the single-process loss on the
+concatenated W*B batch, and since the gather's backward sums the key gradients back to the rank
+that produced them, the data-parallel gradient average equals the single-process gradient.
+On one process every collective is the identity: no special case for the caller.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import nn
+
+from gckd_ray.config import LossConfig
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) per rank -> (W*B, ...) in rank order; gradients flow back to every rank's slice.
+
+    Identity when torch.distributed is not initialised or has one process. All ranks must pass
+    the same shape.
+    """
+    _, world = _rank_and_world()
+    if world == 1:
+        return x
+    return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+@torch.no_grad()
+def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """(B, ...) per rank -> (W*B, ...) in rank order, without gradient (labels, ids)."""
+    _, world = _rank_and_world()
+    if world == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def _gather_keys(image_emb: torch.Tensor, text_emb: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Global image and text keys (N, D) with gradient, and this rank's row offset in them."""
+    rank, _ = _rank_and_world()
+    return (all_gather_with_grad(image_emb), all_gather_with_grad(text_emb),
+            rank * image_emb.shape[0])
+
+
+def _kl_to_labels(logits: torch.Tensor, label_dist: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """mean_i KL(softmax(logits_i) || label_dist_i) with IRRA's epsilon: (B, N) -> scalar."""
+    pred = logits.softmax(dim=1)
+    kl = pred * (logits.log_softmax(dim=1) - torch.log(label_dist + epsilon))
+    return kl.sum(dim=1).mean()
+
+
+def sdm_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, pids: torch.Tensor,
+             temperature: float = 0.02, epsilon: float = 1e-8) -> torch.Tensor:
+    """IRRA's similarity-distribution matching, image-to-text plus text-to-image.
+
+    For a query i the predicted distribution over keys j is softmax(s_ij / temperature); the
+    label distribution is uniform over keys with the query's id. Loss = KL(pred || labels),
+    averaged over queries, summed over the two directions (as IRRA's ``compute_sdm``).
+
+    Args:
+        image_emb, text_emb: (B, D) L2-normalised embeddings of B image-caption pairs.
+        pids: (B,) int identity ids (duplicates expected: identity-balanced batches).
+    Returns:
+        scalar loss (float32).
+    """
+    all_image, all_text, _ = _gather_keys(image_emb, text_emb)  # (N, D) each, N = W*B
+    all_pids = all_gather_no_grad(pids)  # (N,)
+    labels = (pids.view(-1, 1) == all_pids.view(1, -1)).float()  # (B, N), >= 1 per row (self)
+    label_dist = labels / labels.sum(dim=1, keepdim=True)
+    i2t = image_emb.float() @ all_text.float().t() / temperature  # (B, N)
+    t2i = text_emb.float() @ all_image.float().t() / temperature  # (B, N)
+    return _kl_to_labels(i2t, label_dist, epsilon) + _kl_to_labels(t2i, label_dist, epsilon)
+
+
+def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
+             temperature: float = 0.05) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE: the paired caption/image is the only positive.
+
+    Args:
+        image_emb, text_emb: (B, D) L2-normalised embeddings of B pairs.
+    Returns:
+        scalar ``(CE_i2t + CE_t2i) / 2`` (float32).
+    """
+    all_image, all_text, offset = _gather_keys(image_emb, text_emb)  # (N, D) each
+    targets = offset + torch.arange(image_emb.shape[0], device=image_emb.device)  # (B,)
+    i2t = image_emb.float() @ all_text.float().t() / temperature  # (B, N)
+    t2i = text_emb.float() @ all_image.float().t() / temperature  # (B, N)
+    return (F.cross_entropy(i2t, targets) + F.cross_entropy(t2i, targets)) / 2
+
+
+class IdentityClassifier(nn.Module):
+    """IRRA's ID loss: one linear classifier shared by both modalities, CE averaged over them.
+
+    Per-sample and local: the data-parallel average of rank means is the global mean.
+    """
+
+    def __init__(self, embed_dim: int, num_classes: int):
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.classifier = nn.Linear(embed_dim, num_classes)
+        nn.init.normal_(self.classifier.weight, std=0.001)  # as IRRA
+        nn.init.zeros_(self.classifier.bias)
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                pids: torch.Tensor) -> torch.Tensor:
+        """image_emb, text_emb (B, D); pids (B,) class indices in [0, num_classes) -> scalar."""
+        image_logits = self.classifier(image_emb).float()  # (B, C)
+        text_logits = self.classifier(text_emb).float()  # (B, C)
+        return (F.cross_entropy(image_logits, pids) + F.cross_entropy(text_logits, pids)) / 2
+
+
+class SourceLoss(nn.Module):
+    """The weighted source objective; terms with weight 0 are neither computed nor reported.
+
+    ``forward`` returns ``{"sdm", "itc", "id"}`` (those with weight > 0), each already multiplied
+    by its weight, plus ``"loss"``, their sum.
+    """
+
+    def __init__(self, cfg: LossConfig, embed_dim: int, num_classes: int):
+        super().__init__()
+        self.weights = {"sdm": cfg.weights.sdm, "itc": cfg.weights.itc, "id": cfg.weights.id}
+        self.sdm_temperature = cfg.sdm_temperature
+        self.itc_temperature = cfg.itc_temperature
+        self.id_head = IdentityClassifier(embed_dim, num_classes) if cfg.weights.id > 0 else None
+
+    def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
+                pids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """image_emb, text_emb (B, D) unit-norm, pids (B,) class indices -> named losses."""
+        w = self.weights
+        losses: dict[str, torch.Tensor] = {}
+        if w["sdm"] > 0:
+            losses["sdm"] = w["sdm"] * sdm_loss(image_emb, text_emb, pids, self.sdm_temperature)
+        if w["itc"] > 0:
+            losses["itc"] = w["itc"] * itc_loss(image_emb, text_emb, self.itc_temperature)
+        if w["id"] > 0:
+            losses["id"] = w["id"] * self.id_head(image_emb, text_emb, pids)
+        losses["loss"] = sum(losses.values(), image_emb.new_zeros((), dtype=torch.float32))
+        return losses
+
+    def extra_repr(self) -> str:
+        return (f"weights={self.weights}, sdm_temperature={self.sdm_temperature}, "
+                f"itc_temperature={self.itc_temperature}")

@@ -1,0 +1,75 @@
+"""Samplers and the target views: identity balance, rank sharding, no target labels."""
+
+import random
+
+import torch
+
+from gckd_ray.data.datasets import (IdentityBalancedSampler, UnpairedStreams, build_split,
+                                    build_unpaired)
+from gckd_ray.data.formats import DomainRecords, Record
+from gckd_ray.data.tokenizer import WordTokenizer
+
+
+def test_identity_balanced_batches_and_rank_shards():
+    labels = torch.arange(40).repeat_interleave(3)  # 40 ids x 3 captions
+    samplers = [IdentityBalancedSampler(labels, 8, 2, seed=1, rank=r, world_size=2)
+                for r in range(2)]
+    per_rank = [s.epoch(0) for s in samplers]
+    assert len(per_rank[0]) == len(per_rank[1]) == samplers[0].steps_per_epoch == 40 // 4 // 2
+    seen = []
+    for batches in per_rank:
+        for b in batches:
+            ids = labels[b]
+            assert len(b) == 8 and len(ids.unique()) == 4
+            assert all((ids == i).sum() == 2 for i in ids.unique())
+            seen += ids.unique().tolist()
+    assert len(seen) == len(set(seen))  # an identity lands in one batch of one rank per epoch
+    assert all(torch.equal(a, b) for a, b in zip(per_rank[0], samplers[0].epoch(0)))
+    assert not all(torch.equal(a, b) for a, b in zip(per_rank[0], samplers[0].epoch(1)))
+
+
+def test_identity_with_too_few_captions_is_sampled_with_replacement():
+    labels = torch.tensor([0, 1, 1, 1, 2, 2, 2, 3, 3, 3])
+    batch = IdentityBalancedSampler(labels, 8, 2 * 2, seed=0).epoch(0)[0]
+    assert (labels[batch] == 0).sum() in (0, 4)
+
+
+def test_unpaired_streams_are_independent_and_sharded():
+    streams = [UnpairedStreams(50, 100, 10, seed=3, rank=r, world_size=2) for r in range(2)]
+    steps = [s.epoch(0, steps=2) for s in streams]
+    images = torch.cat([i for rank in steps for i, _ in rank])
+    captions = torch.cat([c for rank in steps for _, c in rank])
+    assert len(images.unique()) == 40 and len(captions.unique()) == 40
+    assert not torch.equal(images, captions[:40])
+
+
+def _records(pairs, source="ann.json"):
+    return DomainRecords(name="toy", split="train", skipped={}, records=[
+        Record(image_path=f"/imgs/{img}.png", image_key=f"{img}.png", caption=cap, pid=pid,
+               split="train", source=source, index=i)
+        for i, (img, cap, pid) in enumerate(pairs)])
+
+
+def test_unpaired_target_ignores_ids_and_pairing():
+    pairs = [(f"im{i // 2}", f"person {i // 2} wears colour {i % 5}", i // 2) for i in range(20)]
+    tok = WordTokenizer.build(c for _, c, _ in pairs)
+    plain = build_unpaired(_records(pairs), tok, 12, (8, 4), cache_images=False)
+    rng = random.Random(0)
+    captions = [c for _, c, _ in pairs]
+    rng.shuffle(captions)
+    pid_perm = list(range(10))
+    rng.shuffle(pid_perm)
+    leaked = [(img, cap, 1000 + pid_perm[pid]) for (img, _, pid), cap in zip(pairs, captions)]
+    shuffled = build_unpaired(_records(leaked), tok, 12, (8, 4), cache_images=False)
+    assert plain.images.paths == shuffled.images.paths
+    assert torch.equal(plain.captions.input_ids, shuffled.captions.input_ids)
+    assert not hasattr(plain, "labels") and not hasattr(plain.images, "labels")
+
+
+def test_build_split_indexes_images_and_labels():
+    pairs = [("a", "x one", 7), ("a", "x two", 7), ("b", "y", 3), ("c", "z", 7)]
+    tok = WordTokenizer.build(c for _, c, _ in pairs)
+    split = build_split(_records(pairs), tok, 6, (8, 4), cache_images=False)
+    assert split.image_of.tolist() == [0, 0, 1, 2]
+    assert split.labels.tolist() == [1, 1, 0, 1] and split.image_labels.tolist() == [1, 0, 1]
+    assert split.num_ids == 2

@@ -1,0 +1,143 @@
+"""Tokenizers: vocabulary, sequence layout, truncation, save/load, and eos pooling in HF CLIP."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from gckd_ray.data.tokenizer import (  # noqa: E402
+    WORD_VOCAB_FILE, CLIPBPETokenizer, Tokenizer, WordTokenizer, load_tokenizer, split_words)
+
+CAPTIONS = [
+    "A man in a red coat.",
+    "The man wears black shoes, and a red bag.",
+    "A woman with a blue skirt",
+]
+
+
+def write_tiny_clip_tokenizer(directory: Path) -> None:
+    """A CLIP BPE vocabulary over printable ASCII (+ '</w>' forms) and a few merges."""
+    chars = [chr(i) for i in range(33, 127)]  # bytes_to_unicode maps these to themselves
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    merges = ["r e", "re d</w>", "m a", "ma n</w>"]
+    for merge in merges:
+        vocab[merge.replace(" ", "")] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def test_split_words_lowercases_and_splits_punctuation():
+    assert split_words("A Red-coat, OK.") == ["a", "red", "-", "coat", ",", "ok", "."]
+
+
+def test_build_is_deterministic_and_ordered_by_count_then_word():
+    tok = WordTokenizer.build(CAPTIONS)
+    assert (tok.pad_id, tok.bos_id, tok.unk_id, tok.eos_id) == (0, 1, 2, 3)
+    # counts: a=4, man=2, red=2, .=2; the rest once, alphabetical
+    assert tok.words[:4] == ["a", ".", "man", "red"]
+    assert tok.words[4:] == sorted(tok.words[4:])
+    assert tok.vocab_size == 4 + len(tok.words)
+    assert WordTokenizer.build(reversed(CAPTIONS)).words == tok.words
+    assert isinstance(tok, Tokenizer)
+
+
+def test_build_min_count_drops_rare_words():
+    tok = WordTokenizer.build(CAPTIONS, min_count=2)
+    assert tok.words == ["a", ".", "man", "red"]
+
+
+def test_encode_layout_mask_and_unknown_words():
+    tok = WordTokenizer.build(CAPTIONS)
+    ids, mask, truncated = tok.encode(["A red UFO", ""], 6)
+    assert ids.dtype == torch.int64 and mask.dtype == torch.int64
+    assert ids.shape == mask.shape == (2, 6)
+    a, red = tok.words.index("a") + 4, tok.words.index("red") + 4
+    assert ids[0].tolist() == [tok.bos_id, a, red, tok.unk_id, tok.eos_id, tok.pad_id]
+    assert mask[0].tolist() == [1, 1, 1, 1, 1, 0]
+    assert ids[1].tolist() == [tok.bos_id, tok.eos_id, 0, 0, 0, 0]
+    assert mask[1].tolist() == [1, 1, 0, 0, 0, 0]
+    assert truncated == 0
+
+
+def test_truncation_keeps_eos_last_and_is_counted():
+    tok = WordTokenizer.build(CAPTIONS)
+    ids, mask, truncated = tok.encode(CAPTIONS, 5)
+    assert truncated == 3  # 7, 11 and 6 tokens > 3 slots
+    assert (ids[:, -1] == tok.eos_id).all() and (mask == 1).all()
+    assert ids[0].tolist() == tok.encode([" ".join(split_words(CAPTIONS[0])[:3])], 5)[0][0].tolist()
+    _, _, truncated = tok.encode(["a man in"], 5)  # exactly fits: bos + 3 + eos
+    assert truncated == 0
+    with pytest.raises(ValueError, match="length"):
+        tok.encode(["a"], 1)
+
+
+def test_save_load_round_trip_is_json(tmp_path):
+    tok = WordTokenizer.build(CAPTIONS)
+    tok.save(tmp_path)
+    payload = json.loads((tmp_path / WORD_VOCAB_FILE).read_text())
+    assert payload["words"] == tok.words
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, WordTokenizer)
+    assert loaded.words == tok.words and loaded.vocab_size == tok.vocab_size
+    for a, b in zip(loaded.encode(CAPTIONS, 8), tok.encode(CAPTIONS, 8)):
+        assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        load_tokenizer(tmp_path)
+    (tmp_path / WORD_VOCAB_FILE).write_text('{"format": "something else"}')
+    with pytest.raises(ValueError, match=WORD_VOCAB_FILE):
+        WordTokenizer.load(tmp_path)
+
+
+def test_clip_bpe_tokenizer_layout_and_round_trip(tmp_path):
+    write_tiny_clip_tokenizer(tmp_path / "src")
+    tok = load_tokenizer(tmp_path / "src")
+    assert isinstance(tok, CLIPBPETokenizer) and isinstance(tok, Tokenizer)
+    assert tok.vocab_size == 2 * 94 + 4 + 2
+    assert tok.pad_id == tok.eos_id  # CLIP pads with <|endoftext|>
+    ids, mask, truncated = tok.encode(["A red man", "a man in a red coat with a bag"], 8)
+    red, man = tok.hf.convert_tokens_to_ids(["red</w>", "man</w>"])
+    assert ids[0].tolist() == [tok.bos_id, tok.hf.convert_tokens_to_ids("a</w>"), red, man,
+                               tok.eos_id, tok.pad_id, tok.pad_id, tok.pad_id]
+    assert mask[0].tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    assert truncated == 1 and ids[1, -1] == tok.eos_id and mask[1].all()
+
+    tok.save(tmp_path / "saved")
+    again = load_tokenizer(tmp_path / "saved")
+    assert isinstance(again, CLIPBPETokenizer)
+    assert torch.equal(again.encode(["A red man"], 8)[0], ids[:1])
+
+
+def test_word_tokenizer_ids_make_hf_clip_pool_at_eos():
+    # HF's CLIPTextModel pools at argmax(input_ids) when eos_token_id == 2 and at the first eos
+    # otherwise; our eos (3) takes the second branch, so HF's pooled output is the eos state.
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = WordTokenizer.build(CAPTIONS)
+    assert tok.eos_id != 2
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, max_position_embeddings=12, pad_token_id=tok.pad_id,
+        bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)).eval()
+    ids, mask, _ = tok.encode(CAPTIONS, 12)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+    eos_pos = mask.sum(dim=1) - 1
+    assert (ids[torch.arange(3), eos_pos] == tok.eos_id).all()
+    expected = out.last_hidden_state[torch.arange(3), eos_pos]
+    torch.testing.assert_close(out.pooler_output, expected)

@@ -1,0 +1,210 @@
+"""Source losses against hand-computed cases, and their data-parallel equivalence (2 gloo ranks)."""
+
+from __future__ import annotations
+
+import math
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from gckd_ray.config import LossConfig, LossWeights
+from gckd_ray.model.losses import (
+    IdentityClassifier, SourceLoss, all_gather_with_grad, itc_loss, sdm_loss)
+
+
+def _unit(rows: list[list[float]]) -> torch.Tensor:
+    return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=-1)
+
+
+def _softmax(row: list[float]) -> list[float]:
+    m = max(row)
+    e = [math.exp(v - m) for v in row]
+    return [v / sum(e) for v in e]
+
+
+def _sdm_by_hand(img, txt, pids, tau, eps=1e-8) -> float:
+    """Explicit loops: sum over directions of mean_i KL(softmax(s_i / tau) || labels_i)."""
+    n = len(pids)
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    total = 0.0
+    for queries, keys in ((img, txt), (txt, img)):
+        direction = 0.0
+        for i in range(n):
+            p = _softmax([dot(queries[i], keys[j]) / tau for j in range(n)])
+            same = [1.0 if pids[i] == pids[j] else 0.0 for j in range(n)]
+            q = [s / sum(same) for s in same]
+            direction += sum(p[j] * (math.log(p[j]) - math.log(q[j] + eps)) for j in range(n))
+        total += direction / n
+    return total
+
+
+def _itc_by_hand(img, txt, tau) -> float:
+    n = len(img)
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    total = 0.0
+    for queries, keys in ((img, txt), (txt, img)):
+        total += sum(-math.log(_softmax([dot(queries[i], keys[j]) / tau for j in range(n)])[i])
+                     for i in range(n)) / n
+    return total / 2
+
+
+IMG = [[1.0, 0.2, 0.0], [0.3, 1.0, 0.1], [0.0, 0.4, 1.0], [0.5, 0.5, 0.5]]
+TXT = [[0.9, 0.1, 0.3], [0.2, 0.8, 0.0], [0.1, 0.3, 0.7], [0.6, 0.2, 0.4]]
+
+
+@pytest.mark.parametrize("pids", [[0, 1, 2, 3], [0, 0, 1, 1], [5, 2, 5, 5]])
+def test_sdm_matches_hand_computation(pids):
+    img, txt = _unit(IMG), _unit(TXT)
+    loss = sdm_loss(img, txt, torch.tensor(pids), temperature=0.1)
+    expected = _sdm_by_hand(img.tolist(), txt.tolist(), pids, 0.1)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sdm_matches_irra_formula_with_duplicate_pids():
+    # IRRA's compute_sdm, verbatim up to names (labels / labels.sum(dim=1) broadcasts by column;
+    # the same as row normalisation because the label matrix is symmetric).
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(8, 6), dim=-1), F.normalize(torch.randn(8, 6), dim=-1)
+    pid = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
+    labels = (pid.view(-1, 1) - pid.view(1, -1) == 0).float()
+    t2i = 50.0 * txt @ img.t()
+    i2t = t2i.t()
+    dist_labels = labels / labels.sum(dim=1)
+    i2t_loss = F.softmax(i2t, 1) * (F.log_softmax(i2t, 1) - torch.log(dist_labels + 1e-8))
+    t2i_loss = F.softmax(t2i, 1) * (F.log_softmax(t2i, 1) - torch.log(dist_labels + 1e-8))
+    irra = i2t_loss.sum(1).mean() + t2i_loss.sum(1).mean()
+    torch.testing.assert_close(sdm_loss(img, txt, pid, temperature=0.02), irra)
+
+
+def test_sdm_is_near_zero_when_aligned():
+    eye = torch.eye(4)
+    assert sdm_loss(eye, eye, torch.arange(4), temperature=0.01).item() < 1e-6
+
+
+def test_itc_matches_hand_computation():
+    img, txt = _unit(IMG), _unit(TXT)
+    loss = itc_loss(img, txt, temperature=0.05)
+    assert loss.item() == pytest.approx(_itc_by_hand(img.tolist(), txt.tolist(), 0.05), rel=1e-6)
+
+
+def test_gradients_flow_to_both_modalities():
+    img = _unit(IMG).float().requires_grad_()
+    txt = _unit(TXT).float().requires_grad_()
+    (sdm_loss(img, txt, torch.tensor([0, 0, 1, 2])) + itc_loss(img, txt)).backward()
+    for grad in (img.grad, txt.grad):
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_all_gather_with_grad_is_identity_on_one_process():
+    x = torch.randn(3, 2)
+    assert all_gather_with_grad(x) is x
+
+
+def test_identity_classifier_is_mean_of_two_cross_entropies():
+    torch.manual_seed(0)
+    head = IdentityClassifier(4, 3)
+    assert head.classifier.weight.std() < 0.01 and (head.classifier.bias == 0).all()
+    img, txt, pids = torch.randn(5, 4), torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    w, b = head.classifier.weight, head.classifier.bias
+
+    def ce(x):  # explicit -log softmax at the label, averaged
+        logits = x @ w.t() + b
+        return -(logits.log_softmax(1)[torch.arange(5), pids]).mean()
+
+    torch.testing.assert_close(head(img, txt, pids), (ce(img) + ce(txt)) / 2)
+    head(img, txt, pids).backward()
+    assert head.classifier.weight.grad.abs().sum() > 0
+
+
+def test_source_loss_weights_each_term_and_sums():
+    torch.manual_seed(0)
+    cfg = LossConfig(weights=LossWeights(sdm=1.5, itc=0.25, id=0.5), sdm_temperature=0.1,
+                     itc_temperature=0.2)
+    objective = SourceLoss(cfg, embed_dim=3, num_classes=4)
+    img, txt, pids = _unit(IMG).float(), _unit(TXT).float(), torch.tensor([0, 0, 1, 3])
+    out = objective(img, txt, pids)
+    assert set(out) == {"sdm", "itc", "id", "loss"}
+    torch.testing.assert_close(out["sdm"], 1.5 * sdm_loss(img, txt, pids, 0.1))
+    torch.testing.assert_close(out["itc"], 0.25 * itc_loss(img, txt, 0.2))
+    torch.testing.assert_close(out["id"], 0.5 * objective.id_head(img, txt, pids))
+    torch.testing.assert_close(out["loss"], out["sdm"] + out["itc"] + out["id"])
+
+
+def test_source_loss_zero_weight_terms_are_absent():
+    cfg = LossConfig(weights=LossWeights(sdm=1.0, itc=0.0, id=0.0))
+    objective = SourceLoss(cfg, embed_dim=3, num_classes=4)
+    assert objective.id_head is None and list(objective.parameters()) == []
+    img, txt = _unit(IMG).float(), _unit(TXT).float()
+    out = objective(img, txt, torch.tensor([0, 0, 1, 3]))
+    assert set(out) == {"sdm", "loss"}
+    torch.testing.assert_close(out["loss"], out["sdm"])
+
+
+# ---- data parallelism: 2 gloo ranks vs one process on the concatenated batch ----------------
+
+WORLD, LOCAL_B, DIM = 2, 4, 6
+PIDS = [0, 0, 1, 1, 1, 2, 2, 0]  # identities shared across the two ranks' halves
+
+
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(WORLD * LOCAL_B, DIM, generator=g, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(WORLD * LOCAL_B, DIM, generator=g, dtype=torch.float64), dim=-1)
+    return img, txt, torch.tensor(PIDS)
+
+
+def _loss_fns():
+    torch.manual_seed(0)  # same ID head on every rank, as in data-parallel training
+    source = SourceLoss(LossConfig(weights=LossWeights(sdm=1.0, itc=0.5, id=0.5)), DIM, 3).double()
+    return {"sdm": lambda i, t, p: sdm_loss(i, t, p, 0.1),
+            "itc": lambda i, t, p: itc_loss(i, t, 0.1),
+            "source": lambda i, t, p: source(i, t, p)["loss"]}
+
+
+def _rank_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    try:
+        img, txt, pids = _global_batch()
+        rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+        results = {}
+        for name, fn in _loss_fns().items():
+            local_img = img[rows].clone().requires_grad_()
+            local_txt = txt[rows].clone().requires_grad_()
+            loss = fn(local_img, local_txt, pids[rows])
+            loss.backward()
+            results[name] = (loss.detach(), local_img.grad, local_txt.grad)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_distributed_losses_equal_single_process_on_concatenated_batch():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_rank_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        ranks = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD)]
+
+    img, txt, pids = _global_batch()
+    for name, fn in _loss_fns().items():
+        full_img, full_txt = img.clone().requires_grad_(), txt.clone().requires_grad_()
+        full = fn(full_img, full_txt, pids)
+        full.backward()
+        # data-parallel training averages the ranks' losses and gradients
+        pairs = [(sum(r[name][0] for r in ranks) / WORLD, full.detach()),
+                 (torch.cat([r[name][1] for r in ranks]) / WORLD, full_img.grad),
+                 (torch.cat([r[name][2] for r in ranks]) / WORLD, full_txt.grad)]
+        for what, (actual, expected) in zip(("loss", "image grad", "text grad"), pairs):
+            torch.testing.assert_close(actual, expected, msg=lambda m: f"{name} {what}: {m}")
