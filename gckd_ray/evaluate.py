@@ -337,12 +337,9 @@ def evaluate_split(encoder, split, device: torch.device) -> dict[str, float]:
 def load_encoder(checkpoint: str | Path, cfg, tokenizer):
     """The dual encoder of a training checkpoint (weights loaded with weights_only=True)."""
     from gckd_ray.distributed.checkpointing import load_model_state
-    from gckd_ray.model.encoders import build_dual_encoder
+    from gckd_ray.model.retriever import build_encoder
 
-    encoder = build_dual_encoder(
-        cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-        bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, text_length=cfg.data.text_length,
-        image_size=(cfg.data.image_height, cfg.data.image_width))
+    encoder = build_encoder(cfg, tokenizer)
     prefix = "encoder."
     state = {k[len(prefix):]: v for k, v in load_model_state(checkpoint).items()
              if k.startswith(prefix)}

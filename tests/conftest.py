@@ -46,7 +46,7 @@ def ray_session():
 
     from gckd_ray.distributed.runtime import worker_env
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False,
+    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1",
              runtime_env={"env_vars": worker_env()}, logging_level="WARNING")
     yield ray
     ray.shutdown()

@@ -37,7 +37,7 @@ from PIL import Image
 from gckd_ray.data.formats import FORMATS, IMAGE_DIR
 
 # Bump when the generator's output changes for the same seed, scale and styles.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 MANIFEST = "synthpedes.json"
 SPLITS = ("train", "val", "test")
 
@@ -71,23 +71,23 @@ class DomainStyle:
 # The domain-gap table: tune the gap strength by editing these numbers.
 DOMAIN_STYLES: Mapping[str, DomainStyle] = MappingProxyType({
     "synth-cuhk": DomainStyle(
-        fmt="cuhk-pedes", ids=(("train", 500), ("val", 100), ("test", 200)),
+        fmt="cuhk-pedes", ids=(("train", 2000), ("val", 100), ("test", 200)),
         images_per_id=2, captions_per_image=2, height=80, width=40,
         figure_height=(0.80, 0.95), gain=1.0, colour_cast=(1.0, 1.0, 1.0), hue_shift=0.0,
         saturation=1.0, brightness_jitter=0.08, background="plain", blur_sigma=0.4,
         noise_std=2.0, caption_style="cuhk", synonym_prob=0.0, mention_prob=0.7),
     "synth-icfg": DomainStyle(
-        fmt="icfg-pedes", ids=(("train", 500), ("test", 200)),
+        fmt="icfg-pedes", ids=(("train", 2000), ("test", 200)),
         images_per_id=2, captions_per_image=1, height=96, width=36,
-        figure_height=(0.88, 0.98), gain=0.8, colour_cast=(1.08, 0.98, 0.85), hue_shift=18.0,
-        saturation=0.75, brightness_jitter=0.12, background="clutter", blur_sigma=0.9,
-        noise_std=6.0, caption_style="icfg", synonym_prob=0.5, mention_prob=0.8),
+        figure_height=(0.88, 0.98), gain=0.9, colour_cast=(1.03, 1.0, 0.95), hue_shift=5.0,
+        saturation=0.92, brightness_jitter=0.12, background="clutter", blur_sigma=0.5,
+        noise_std=4.0, caption_style="icfg", synonym_prob=0.25, mention_prob=0.8),
     "synth-rstp": DomainStyle(
-        fmt="rstpreid", ids=(("train", 400), ("val", 50), ("test", 100)),
+        fmt="rstpreid", ids=(("train", 1000), ("val", 50), ("test", 100)),
         images_per_id=2, captions_per_image=2, height=72, width=40,
-        figure_height=(0.75, 0.92), gain=1.1, colour_cast=(0.9, 0.98, 1.1), hue_shift=-14.0,
-        saturation=0.85, brightness_jitter=0.1, background="gradient", blur_sigma=0.7,
-        noise_std=4.0, caption_style="rstp", synonym_prob=0.5, mention_prob=0.6),
+        figure_height=(0.75, 0.92), gain=1.05, colour_cast=(0.94, 0.99, 1.06), hue_shift=-8.0,
+        saturation=0.9, brightness_jitter=0.1, background="gradient", blur_sigma=0.5,
+        noise_std=3.0, caption_style="rstp", synonym_prob=0.25, mention_prob=0.6),
 })
 
 # ---------------------------------------------------------------- attributes and palettes
@@ -423,11 +423,14 @@ def _background(kind: str, rng: np.random.Generator, h: int, w: int) -> np.ndarr
         canvas[int(0.85 * h):] *= 0.93  # floor
         return canvas
     if kind == "clutter":
-        canvas = np.broadcast_to(rng.uniform(60, 160, 3), (h, w, 3)).astype(np.float32)
+        base = rng.uniform(70, 150) + rng.uniform(-10, 10, 3)
+        canvas = np.broadcast_to(base, (h, w, 3)).astype(np.float32)
         for _ in range(int(rng.integers(8, 15))):
             y0, x0 = rng.uniform(0, h), rng.uniform(0, w)
             y1, x1 = y0 + rng.uniform(0.1, 0.5) * h, x0 + rng.uniform(0.1, 0.6) * w
-            colour = 0.5 * rng.uniform(30, 220, 3) + 0.5 * 128  # muted, like street scenes
+            # Street clutter is mostly luminance; saturated patches would read as garments.
+            grey = rng.uniform(40, 200)
+            colour = 0.8 * grey + 0.2 * rng.uniform(30, 220, 3)
             _quad(canvas, y0, y1, x0, x1, x0, x1, colour)
         return canvas
     if kind == "gradient":

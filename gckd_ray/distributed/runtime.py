@@ -18,7 +18,10 @@ def use_loopback_if_local() -> None:
 
 
 def worker_env() -> dict[str, str]:
-    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Train v2 patches print() into its logger and also tees it when stdout is wrapped, which
+    # in a Ray worker it always is: every progress line would appear twice.
+    env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if LOOPBACK_ENV in os.environ:
         env[LOOPBACK_ENV] = os.environ[LOOPBACK_ENV]
     return env
@@ -35,7 +38,9 @@ def init_ray() -> None:
         ray.init(runtime_env=runtime_env)
     else:
         # address="local": a stale /tmp/ray/ray_current_cluster must not make us join a dead one.
-        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env,
+        # The dashboard hosts the state API that Train's placement-group cleaner polls; it
+        # listens on loopback only.
+        ray.init(address="local", dashboard_host="127.0.0.1", runtime_env=runtime_env,
                  logging_level="WARNING")
     _tighten_token_file()
 

@@ -155,3 +155,73 @@ class SourceLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"weights={self.weights}, sdm_temperature={self.sdm_temperature}, "
                 f"itc_temperature={self.itc_temperature}")
+
+
+# ---- contrastive momentum knowledge distillation (CMKD), GCKD section 2 item 5 ---------------
+#
+# Per-query and local: each rank distils its own queries against keys that are already global
+# (the memory queue every rank pushes to) plus its own batch's teacher keys, so the loss is a
+# mean over the rank's queries and needs no collective.
+
+
+def cmkd_loss(student_queries: torch.Tensor, teacher_queries: torch.Tensor, keys: torch.Tensor,
+              positives: torch.Tensor, tau_s: float = 0.07, tau_t: float = 0.07,
+              alpha: float = 0.4) -> torch.Tensor:
+    """One direction (i2t or t2i) of CMKD: cross-entropy from a softened target to the student.
+
+    p_s = softmax(q_s K^T / tau_s); target = alpha * softmax(q_t K^T / tau_t) + (1 - alpha) * y,
+    y = ``positives`` normalised per row. A row with no positive (a target query without a
+    confident pseudo-pair) has no hard label to mix in, so its target is the teacher's
+    distribution alone (as alpha = 1 for that row) rather than a distribution of mass alpha.
+    Loss = mean over rows of -sum_m target_m log p_s,m. The target is detached; float32 math.
+
+    Args:
+        student_queries: (B, D) student features of the queries (with grad).
+        teacher_queries: (B, D) teacher features of the same items.
+        keys: (M, D) teacher features of the other modality: [the batch's; the memory queue's].
+        positives: (B, M) bool, True where key m is a positive of query b (same source id, or a
+            target pseudo-pair / pseudo-id).
+    Returns:
+        scalar loss (float32).
+    """
+    if positives.shape != (student_queries.shape[0], keys.shape[0]):
+        raise ValueError(f"positives must be (B, M) = ({student_queries.shape[0]}, "
+                         f"{keys.shape[0]}), got {tuple(positives.shape)}")
+    keys = keys.detach().float()
+    with torch.no_grad():
+        teacher_dist = (teacher_queries.detach().float() @ keys.t() / tau_t).softmax(dim=1)
+        labels = positives.float()  # (B, M)
+        count = labels.sum(dim=1, keepdim=True)  # (B, 1)
+        mixed = alpha * teacher_dist + (1 - alpha) * labels / count.clamp(min=1)
+        target = torch.where(count > 0, mixed, teacher_dist)  # (B, M)
+    log_p_student = (student_queries.float() @ keys.t() / tau_s).log_softmax(dim=1)  # (B, M)
+    return -(target * log_p_student).sum(dim=1).mean()
+
+
+@torch.no_grad()
+def cross_modal_pseudo_pairs(image_feats: torch.Tensor, text_feats: torch.Tensor,
+                             threshold: float = 0.5) -> torch.Tensor:
+    """High-confidence target pseudo-pairs: cross-modal mutual nearest neighbours.
+
+    (i, t) is a pair iff t is image i's most similar caption, i is caption t's most similar
+    image (argmax ties go to the lower index) and cos(i, t) >= threshold. Uses teacher features
+    only (optionally graph-smoothed by the caller), never labels.
+
+    Args:
+        image_feats: (Bi, D) teacher image features; text_feats: (Bt, D) teacher text features.
+    Returns:
+        (Bi, Bt) bool, at most one True per row and per column.
+    """
+    num_images, num_texts = image_feats.shape[0], text_feats.shape[0]
+    pairs = torch.zeros(num_images, num_texts, dtype=torch.bool, device=image_feats.device)
+    if num_images == 0 or num_texts == 0:
+        return pairs
+    sim = F.normalize(image_feats.float(), dim=-1) @ F.normalize(text_feats.float(), dim=-1).t()
+    best_text = sim.argmax(dim=1)  # (Bi,)
+    best_image = sim.argmax(dim=0)  # (Bt,)
+    images = torch.arange(num_images, device=sim.device)
+    mutual = best_image[best_text] == images  # (Bi,)
+    confident = sim[images, best_text] >= threshold  # (Bi,)
+    keep = mutual & confident
+    pairs[images[keep], best_text[keep]] = True
+    return pairs

@@ -28,9 +28,14 @@ class Retriever(nn.Module):
         return self.objective(image_emb, text_emb, pids)
 
 
-def build_retriever(cfg: Config, tokenizer: Tokenizer, num_classes: int) -> Retriever:
-    encoder = build_dual_encoder(
+def build_encoder(cfg: Config, tokenizer: Tokenizer) -> DualEncoder:
+    """The dual encoder a config and its tokenizer describe."""
+    return build_dual_encoder(
         cfg.model, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
         bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, text_length=cfg.data.text_length,
         image_size=(cfg.data.image_height, cfg.data.image_width))
+
+
+def build_retriever(cfg: Config, tokenizer: Tokenizer, num_classes: int) -> Retriever:
+    encoder = build_encoder(cfg, tokenizer)
     return Retriever(encoder, SourceLoss(cfg.loss, encoder.embed_dim, num_classes))
