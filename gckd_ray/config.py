@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-METHODS = ("source_only", "oracle")
+METHODS = ("gckd", "source_only", "oracle")
+DISTILL_MODES = ("cmkd", "none")
 DATASET_NAMES = ("cuhk-pedes", "icfg-pedes", "rstpreid", "synth-cuhk", "synth-icfg", "synth-rstp")
 BAD_RECORD_POLICIES = ("error", "skip")
 
@@ -72,9 +73,13 @@ class ModelConfig:
 
 @dataclass
 class LossWeights:
-    sdm: float = 1.0
-    itc: float = 0.0
+    # The tiny from-scratch default learns fastest with ITC; IRRA's SDM is the choice for
+    # pretrained CLIP (experiments/configs/real_*.yaml).
+    sdm: float = 0.0
+    itc: float = 1.0
     id: float = 0.5
+    cmkd: float = 1.0
+    gmp: float = 0.5
 
 
 @dataclass
@@ -85,12 +90,48 @@ class LossConfig:
 
 
 @dataclass
+class GCKDConfig:
+    """Memory, teacher and target pseudo-labels (DESIGN.md §2)."""
+
+    momentum: float = 0.995
+    queue_size: int = 65536
+    # Memory features per modality and domain that join a step's graph (C).
+    memory_nodes: int = 256
+    snapshot_every: int = 5
+    pseudo_every: int = 20
+    pseudo_k: int = 5
+    pseudo_threshold: float = 0.5
+    # In-batch teacher pseudo-pairs: mutual nearest neighbours above this cosine.
+    pair_threshold: float = 0.5
+    # Epochs of source-only training before adaptation losses switch on.
+    warmup_epochs: int = 0
+    use_pseudo_ids: bool = True
+    use_memory: bool = True
+
+
+@dataclass
+class GraphConfig:
+    enabled: bool = True
+    k: int = 10
+    num_layers: int = 2
+    temperature: float = 0.07
+
+
+@dataclass
+class DistillConfig:
+    mode: str = "cmkd"
+    tau_s: float = 0.07
+    tau_t: float = 0.07
+    alpha: float = 0.4
+
+
+@dataclass
 class TrainConfig:
-    epochs: int = 10
+    epochs: int = 30
     # Pairs per worker per step; identity-balanced: batch_size / instances_per_id identities.
     batch_size: int = 64
-    instances_per_id: int = 4
-    lr: float = 1e-3
+    instances_per_id: int = 2
+    lr: float = 2e-3
     weight_decay: float = 0.02
     warmup_epochs: float = 1.0
     grad_clip: float = 1.0
@@ -115,6 +156,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    gckd: GCKDConfig = field(default_factory=GCKDConfig)
+    graph: GraphConfig = field(default_factory=GraphConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -142,16 +186,28 @@ class Config:
         _one_of("data.source.name", self.data.source.name, DATASET_NAMES)
         _one_of("data.target.name", self.data.target.name, DATASET_NAMES)
         _one_of("data.on_bad_record", self.data.on_bad_record, BAD_RECORD_POLICIES)
+        _one_of("distill.mode", self.distill.mode, DISTILL_MODES)
         for key in ("data.image_height", "data.image_width", "data.text_length", "train.epochs",
                     "train.batch_size", "train.instances_per_id", "train.num_workers",
                     "model.embed_dim", "model.hidden_size", "model.num_layers", "model.num_heads",
                     "model.patch_size"):
             _positive(key, get_key(self, key))
+        for key in ("gckd.queue_size", "gckd.memory_nodes", "gckd.snapshot_every",
+                    "gckd.pseudo_every", "gckd.pseudo_k", "graph.k", "graph.num_layers",
+                    "graph.temperature", "distill.tau_s", "distill.tau_t"):
+            _positive(key, get_key(self, key))
+        for key in ("gckd.momentum", "distill.alpha"):
+            if not 0 <= get_key(self, key) <= 1:
+                raise ConfigError(f"{key}: must be in [0, 1], got {get_key(self, key)}")
+        if self.gckd.queue_size < self.train.batch_size:
+            raise ConfigError(f"gckd.queue_size: must be >= train.batch_size "
+                              f"({self.train.batch_size}), got {self.gckd.queue_size}")
         for key in ("train.lr", "train.cpus_per_worker", "data.synth_scale", "loss.sdm_temperature",
                     "loss.itc_temperature"):
             _positive(key, get_key(self, key))
         for key in ("train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.max_failures",
-                    "loss.weights.sdm", "loss.weights.itc", "loss.weights.id"):
+                    "loss.weights.sdm", "loss.weights.itc", "loss.weights.id",
+                    "loss.weights.cmkd", "loss.weights.gmp"):
             if get_key(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {get_key(self, key)}")
         if self.train.batch_size % self.train.instances_per_id:

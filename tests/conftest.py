@@ -9,8 +9,12 @@ os.environ.pop("RAY_ADDRESS", None)  # tests never join a cluster they did not s
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from gckd_ray.config import load_config  # noqa: E402
+
+# Tiny tensors: one thread avoids oversubscribing the 2 shared cores (Ray workers set their own).
+torch.set_num_threads(1)
 
 # Small SynthPEDES for fast end-to-end tests (id counts x SYNTH_SCALE).
 SYNTH_SCALE = 0.1

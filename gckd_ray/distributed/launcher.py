@@ -14,6 +14,7 @@ from typing import Any
 from gckd_ray.config import Config
 from gckd_ray.data.datasets import load_records
 from gckd_ray.data.tokenizer import WordTokenizer
+from gckd_ray.distributed.memory import create_memory_actor, memory_actor_name
 from gckd_ray.distributed.results import format_table, results_path, write_results
 from gckd_ray.distributed.runtime import init_ray
 
@@ -28,6 +29,22 @@ def prepare_tokenizer(cfg: Config) -> str:
     out = Path(cfg.run.output_dir) / "tokenizer"
     WordTokenizer.build(captions).save(out)
     return str(out)
+
+
+def start_memory(cfg: Config, run_name: str, tokenizer_dir: str):
+    """The run's memory actor, created by the driver so it outlives any one worker; it
+    restores its queues from ``<output_dir>/memory`` when that holds a saved state."""
+    from gckd_ray.data.tokenizer import load_tokenizer
+    from gckd_ray.model.retriever import build_encoder
+
+    records = load_records(cfg, cfg.data.target, "train").records
+    embed_dim = build_encoder(cfg, load_tokenizer(tokenizer_dir)).embed_dim
+    return create_memory_actor(
+        memory_actor_name(run_name), dim=embed_dim, queue_size=cfg.gckd.queue_size,
+        num_target_images=len({r.image_key for r in records}), num_target_texts=len(records),
+        restore_from=str(Path(cfg.run.output_dir) / "memory" / run_name),
+        pseudo_k=cfg.gckd.pseudo_k, pseudo_threshold=cfg.gckd.pseudo_threshold,
+        faiss_threads=1, seed=cfg.run.seed)
 
 
 def _run_name(cfg: Config, storage: Path) -> str:
@@ -54,18 +71,30 @@ def run_training(cfg: Config) -> dict[str, Any]:
     from gckd_ray.distributed.worker import train_loop_per_worker
 
     storage = output / "ray"
+    run_name = _run_name(cfg, storage)
+    loop_config = {"cfg": cfg.to_dict(), "tokenizer_dir": str(Path(tokenizer_dir).resolve())}
+    actor = None
+    if cfg.method == "gckd":
+        actor = start_memory(cfg, run_name, tokenizer_dir)
+        loop_config["memory_actor"] = memory_actor_name(run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "tokenizer_dir": str(Path(tokenizer_dir).resolve())},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(
-            name=_run_name(cfg, storage), storage_path=str(storage),
+            name=run_name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        if actor is not None:
+            import ray
+
+            ray.kill(actor)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint under {storage}")
     with result.checkpoint.as_directory() as ckpt_dir:

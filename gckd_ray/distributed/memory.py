@@ -446,6 +446,8 @@ class MemoryActor(MemoryBank):
         if self.restored:
             self.load_state_dict(read_state(restore_from))
         self._cached_ref: tuple[tuple[int, int], Any] | None = None
+        self._published = 0
+        self._publications: dict[int, Any] = {}
 
     def ready(self) -> dict[str, Any]:
         """Answers once ``__init__`` has finished (and restored, if it did)."""
@@ -465,6 +467,26 @@ class MemoryActor(MemoryBank):
             self._cached_ref = None  # drop the old object before putting the new one
             self._cached_ref = (key, ray.put(self.snapshot()))
         return [self._cached_ref[1]]
+
+    def publish(self) -> int:
+        """Put the current snapshot in the object store under a new publication number.
+
+        One caller publishes and tells the others the number, so every worker of a step reads
+        the same snapshot whatever the timing of their calls (a run is then reproducible).
+        The last few publications stay readable.
+        """
+        self._published += 1
+        self._publications[self._published] = self.snapshot_ref()[0]
+        for old in [p for p in self._publications if p <= self._published - 4]:
+            del self._publications[old]
+        return self._published
+
+    def published_ref(self, number: int) -> list:
+        """``[ObjectRef]`` of publication ``number`` (see ``publish``)."""
+        if number not in self._publications:
+            raise KeyError(f"memory snapshot publication {number} is not available "
+                           f"(have {sorted(self._publications)})")
+        return [self._publications[number]]
 
     def autosave(self) -> str:
         """Save to ``restore_from``, where a restarted actor looks; return the file path."""
@@ -554,16 +576,19 @@ class MemoryClient:
         while self._pending:
             ray.get(self._pending.popleft())
 
-    def snapshot(self) -> dict[str, torch.Tensor]:
-        """The actor's latest snapshot as tensors (keys as ``MemoryBank.snapshot``).
+    def snapshot(self, publication: int | None = None) -> dict[str, torch.Tensor]:
+        """The actor's latest snapshot, or publication ``publication`` (``MemoryActor.publish``),
+        as tensors (keys as ``MemoryBank.snapshot``).
 
         Zero-copy: the tensors view read-only shared memory; do not modify them in place
-        (``clone()`` first). Pushes still in flight may not be in it (``flush()`` first if that
-        matters).
+        (``clone()`` first). Pushes still in flight may not be in the latest snapshot
+        (``flush()`` first if that matters).
         """
         import ray
 
-        (ref,) = ray.get(self.actor.snapshot_ref.remote())
+        call = (self.actor.snapshot_ref.remote() if publication is None
+                else self.actor.published_ref.remote(publication))
+        (ref,) = ray.get(call)
         arrays = ray.get(ref)
         with warnings.catch_warnings():  # read-only arrays: torch warns about writability
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")

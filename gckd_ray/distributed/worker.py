@@ -19,11 +19,16 @@ import ray.train.torch
 import torch
 
 from gckd_ray.config import Config, config_from_dict
-from gckd_ray.data.datasets import IdentityBalancedSampler, PairedSplit, load_split
+from gckd_ray.data.datasets import (IdentityBalancedSampler, PairedSplit, build_unpaired,
+                                    load_records, load_split)
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.data.transforms import TrainAugment, normalize
+from gckd_ray.distributed.adaptation import TargetFeed, gckd_epoch
 from gckd_ray.distributed.checkpointing import load_training_state, save_checkpoint
+from gckd_ray.distributed.memory import MemoryClient, get_memory_actor
+from gckd_ray.distributed.progress import log_progress
 from gckd_ray.evaluate import evaluate_split
+from gckd_ray.model.gckd import build_gckd
 from gckd_ray.model.retriever import build_retriever
 
 
@@ -69,10 +74,8 @@ def train_epoch(model, optimizer, scheduler, split: PairedSplit, sampler, augmen
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.item()
         if log and (step + 1) % cfg.train.log_every == 0:
-            rate = (step + 1) / (time.perf_counter() - start)
-            terms = " ".join(f"{k}={v / (step + 1):.4f}" for k, v in sums.items())
-            print(f"[epoch {epoch + 1}/{cfg.train.epochs}] step {step + 1}/{len(batches)} "
-                  f"{terms} lr={scheduler.get_last_lr()[0]:.2e} {rate:.1f} it/s", flush=True)
+            log_progress(epoch, cfg.train.epochs, step, len(batches), sums,
+                         scheduler.get_last_lr()[0], start)
     return {k: v / len(batches) for k, v in sums.items()}
 
 
@@ -92,9 +95,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                       cfg.train.instances_per_id, cfg.run.seed, rank, world)
 
     torch.manual_seed(cfg.run.seed)  # identical init on every rank
-    model = ray.train.torch.prepare_model(build_retriever(cfg, tokenizer, train_split.num_ids))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr,
-                                  weight_decay=cfg.train.weight_decay)
+    gckd = cfg.method == "gckd"
+    module = (build_gckd if gckd else build_retriever)(cfg, tokenizer, train_split.num_ids)
+    # Adaptation losses switch on after warm-up: until then the propagation net gets no grad.
+    model = ray.train.torch.prepare_model(
+        module, parallel_strategy_kwargs={"find_unused_parameters": gckd})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg, sampler.steps_per_epoch))
     state: dict[str, Any] = {"epoch": 0, "history": []}
@@ -106,12 +113,30 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             print(f"resumed from checkpoint after epoch {state['epoch']}", flush=True)
 
     augment = TrainAugment(seed=cfg.run.seed * 7919 + rank)
+    if gckd:
+        feed = TargetFeed(build_unpaired(load_records(cfg, cfg.data.target, "train"), tokenizer,
+                                         cfg.data.text_length,
+                                         (cfg.data.image_height, cfg.data.image_width),
+                                         cfg.data.cache_images), cfg, rank, world)
+        actor = get_memory_actor(loop_config["memory_actor"])
+        memory = MemoryClient(actor)
+        last_refresh = [0]  # global step of the last pseudo-id refresh
+
+        def run_epoch(epoch: int) -> dict[str, float]:
+            return gckd_epoch(model, optimizer, scheduler, train_split, sampler, feed, memory,
+                              actor, augment, epoch, cfg, device, rank, last_refresh)
+    else:
+        def run_epoch(epoch: int) -> dict[str, float]:
+            return train_epoch(model, optimizer, scheduler, train_split, sampler, augment,
+                               epoch, cfg, device, log=rank == 0)
+
     for epoch in range(state["epoch"], cfg.train.epochs):
-        losses = train_epoch(model, optimizer, scheduler, train_split, sampler, augment, epoch,
-                             cfg, device, log=rank == 0)
+        losses = run_epoch(epoch)
         metrics = evaluate_split(_unwrap(model).encoder, test_split, device)
         state = {"epoch": epoch + 1,
                  "history": state["history"] + [{"epoch": epoch + 1, **losses, **metrics}]}
+        if gckd and rank == 0:
+            ray.get(actor.autosave.remote())  # the memory restarts from here if its actor dies
         _report(cfg, model, optimizer, scheduler, state, tokenizer_dir, rank)
         if rank == 0:
             print(f"[epoch {epoch + 1}/{cfg.train.epochs}] target {test_split.name}: "

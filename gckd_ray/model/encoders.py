@@ -115,18 +115,52 @@ class DualEncoder(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values (B, 3, H, W) normalised float -> (B, D) unit-norm."""
         pooled = self.clip.vision_model(pixel_values=pixel_values).pooler_output  # (B, Hv)
-        return F.normalize(self.clip.visual_projection(pooled), dim=-1)
+        return self._project_image(pooled)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids, attention_mask (B, L), each row ``[bos] ... [eos] pad`` -> (B, D) unit-norm.
 
         Rows must contain ``eos_id`` (the tokenizers guarantee it, also when truncating).
         """
+        return self._project_text(self._text_hidden(input_ids, attention_mask), input_ids)
+
+    def encode_with_tokens(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
+                           attention_mask: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embeddings plus token states for the matching head, one forward per tower.
+
+        Args:
+            pixel_values: (B, 3, H, W); input_ids, attention_mask: (B', L) as for encode_text.
+        Returns:
+            image_emb (B, D) and text_emb (B', D), unit-norm, equal to ``encode_image`` and
+            ``encode_text``; image_tokens (B, 1 + P, Hv): the vision tower's last hidden state
+            with ``post_layernorm`` applied to every token (the pooled path applies it to the
+            class token, so ``image_tokens[:, 0]`` is the feature the projection reads);
+            text_tokens (B', L, Ht): the text tower's last hidden state (after its final layer
+            norm). Positions after eos are padding: mask them with ``attention_mask``.
+        """
+        vision = self.clip.vision_model
+        image_tokens = vision.post_layernorm(
+            vision(pixel_values=pixel_values).last_hidden_state)  # (B, 1+P, Hv)
+        text_tokens = self._text_hidden(input_ids, attention_mask)  # (B', L, Ht)
+        return (self._project_image(image_tokens[:, 0]),
+                self._project_text(text_tokens, input_ids), image_tokens, text_tokens)
+
+    def _project_image(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Post-layernorm class token (B, Hv) -> (B, D) unit-norm."""
+        return F.normalize(self.clip.visual_projection(pooled), dim=-1)
+
+    def _text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                     ) -> torch.Tensor:
+        """(B, L) ids and mask -> the text tower's last hidden state (B, L, Ht)."""
         if input_ids.shape[-1] > self.text_length:
             raise ValueError(f"token sequences of length {input_ids.shape[-1]} exceed the "
                              f"encoder's text length {self.text_length}")
-        hidden = self.clip.text_model(input_ids=input_ids,
-                                      attention_mask=attention_mask).last_hidden_state  # (B,L,Ht)
+        return self.clip.text_model(input_ids=input_ids,
+                                    attention_mask=attention_mask).last_hidden_state
+
+    def _project_text(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, L, Ht) pooled at each row's first eos -> (B, D) unit-norm."""
         eos_pos = (input_ids == self.eos_id).int().argmax(dim=-1)  # (B,) first eos
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), eos_pos]  # (B, Ht)
         return F.normalize(self.clip.text_projection(pooled), dim=-1)

@@ -191,3 +191,30 @@ def test_legacy_eos_2_config_still_pools_at_the_tokenizer_eos(tmp_path):
         expected = enc.clip.text_projection(out.last_hidden_state[torch.arange(2), eos_pos])
         torch.testing.assert_close(ours, torch.nn.functional.normalize(expected, dim=-1))
         torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, 0])  # HF: bos
+
+
+def test_encode_with_tokens_matches_the_embeddings_in_one_forward_per_tower():
+    enc, tok = _tiny()
+    ids, mask, _ = tok.encode(CAPTIONS, 12)
+    images = torch.randn(4, 3, 64, 32)
+    calls = {"vision": 0, "text": 0}
+    hooks = [tower.register_forward_hook(lambda *_, name=name: calls.__setitem__(
+                 name, calls[name] + 1))
+             for name, tower in (("vision", enc.clip.vision_model),
+                                 ("text", enc.clip.text_model))]
+    with torch.no_grad():
+        image_emb, text_emb, image_tokens, text_tokens = enc.encode_with_tokens(images, ids, mask)
+    assert calls == {"vision": 1, "text": 1}
+    for hook in hooks:
+        hook.remove()
+    assert image_tokens.shape == (4, 1 + 8 * 4, 32) and text_tokens.shape == (4, 12, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(image_emb, enc.encode_image(images))
+        torch.testing.assert_close(text_emb, enc.encode_text(ids, mask))
+        vision = enc.clip.vision_model(pixel_values=images)
+        text = enc.clip.text_model(input_ids=ids, attention_mask=mask)
+    # every token gets the post-layernorm that the pooled (class) token gets
+    torch.testing.assert_close(image_tokens[:, 0], vision.pooler_output)
+    torch.testing.assert_close(image_tokens,
+                               enc.clip.vision_model.post_layernorm(vision.last_hidden_state))
+    torch.testing.assert_close(text_tokens, text.last_hidden_state)

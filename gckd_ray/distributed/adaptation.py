@@ -1,0 +1,139 @@
+"""Worker-side GCKD plumbing: unpaired target feed, memory snapshots and pushes, one epoch.
+
+The method itself lives in ``model/gckd.py``; this module feeds it. Every step pushes the
+teacher's features (fire-and-forget, bounded in flight) and every ``gckd.snapshot_every`` steps
+pulls the memory's snapshot ObjectRef and turns it into the tensors the step expects.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from gckd_ray.config import Config
+from gckd_ray.data.datasets import PairedSplit, UnpairedStreams, UnpairedTarget
+from gckd_ray.data.transforms import normalize
+from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryClient
+from gckd_ray.distributed.progress import log_progress
+from gckd_ray.model.gckd import TARGET_GROUP_OFFSET, MemoryView
+from gckd_ray.model.losses import all_gather_no_grad
+
+
+def memory_view(snapshot: dict[str, torch.Tensor], nodes_per_group: int,
+                device: torch.device) -> MemoryView | None:
+    """Tensors for one step; None while the queues are still empty."""
+    if snapshot["image_features"].shape[0] == 0 or snapshot["text_features"].shape[0] == 0:
+        return None
+
+    def groups(modality: str) -> torch.Tensor:
+        labels, domain = snapshot[f"{modality}_labels"], snapshot[f"{modality}_domain"]
+        shifted = torch.where(labels >= 0, labels + TARGET_GROUP_OFFSET, -1)
+        return torch.where(domain == SOURCE, labels, shifted).to(device)
+
+    graph = []
+    for modality in ("image", "text"):
+        feats, domain = snapshot[f"{modality}_features"], snapshot[f"{modality}_domain"]
+        for flag in (SOURCE, TARGET):
+            graph.append(feats[domain == flag][-nodes_per_group:])  # newest C of the group
+    return MemoryView(
+        image=snapshot["image_features"].float().to(device), image_groups=groups("image"),
+        text=snapshot["text_features"].float().to(device), text_groups=groups("text"),
+        graph_nodes=torch.cat(graph).float().to(device),
+        target_image_pseudo=snapshot["target_image_pseudo_ids"].to(device),
+        target_text_pseudo=snapshot["target_text_pseudo_ids"].to(device))
+
+
+class TargetFeed:
+    """Unpaired target batches: image rows and caption rows from independent streams."""
+
+    def __init__(self, target: UnpairedTarget, cfg: Config, rank: int, world: int):
+        self.target = target
+        self.streams = UnpairedStreams(len(target.images), len(target.captions),
+                                       cfg.train.batch_size, cfg.run.seed, rank, world)
+
+    def epoch(self, epoch: int, steps: int):
+        return self.streams.epoch(epoch, steps)
+
+    def batch(self, image_rows: torch.Tensor, text_rows: torch.Tensor, augment,
+              device: torch.device) -> dict[str, torch.Tensor]:
+        ids, mask = self.target.captions.take(text_rows)
+        images = augment(self.target.images.fetch(image_rows).to(device))
+        return {"images": normalize(images), "image_rows": image_rows.to(device),
+                "input_ids": ids.to(device), "attention_mask": mask.to(device),
+                "text_rows": text_rows.to(device)}
+
+
+def push_teacher(client: MemoryClient | None, teacher: dict[str, torch.Tensor],
+                 split: PairedSplit, caption_idx: torch.Tensor,
+                 target: dict[str, torch.Tensor]) -> None:
+    """Gather every rank's teacher features in rank order; rank 0 (``client``) pushes them.
+
+    One pusher keeps the queue order independent of timing. Source entries carry source
+    labels; target entries carry -1 (the memory assigns pseudo-ids itself and never sees
+    target labels)."""
+    pids = split.labels[caption_idx]
+    rows_i, rows_t = target["image_rows"].cpu(), target["text_rows"].cpu()
+    entries = [("image", "src_image", SOURCE, pids, split.image_of[caption_idx]),
+               ("text", "src_text", SOURCE, pids, caption_idx),
+               ("image", "tgt_image", TARGET, torch.full_like(rows_i, -1), rows_i),
+               ("text", "tgt_text", TARGET, torch.full_like(rows_t, -1), rows_t)]
+    for modality, key, domain, labels, rows in entries:
+        feats = all_gather_no_grad(teacher[key].float())
+        labels, rows = (all_gather_no_grad(t.to(feats.device)) for t in (labels, rows))
+        if client is not None:
+            client.push(modality, feats, domain, labels, rows)
+
+
+def read_memory(client: MemoryClient, actor, step: int, cfg: Config, rank: int,
+                device: torch.device, last_refresh: list[int]) -> MemoryView | None:
+    """Rank 0 refreshes pseudo-ids when due and publishes a snapshot; every rank reads that
+    publication (its number is broadcast), so all ranks see identical memory."""
+    import ray
+
+    number = torch.zeros(1, dtype=torch.long)
+    if rank == 0:
+        client.flush()
+        if step - last_refresh[0] >= cfg.gckd.pseudo_every:
+            actor.refresh_pseudo_ids.remote()  # ordered before publish: same caller
+            last_refresh[0] = step
+        number[0] = ray.get(actor.publish.remote())
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast(number, src=0)
+    return memory_view(client.snapshot(int(number)), cfg.gckd.memory_nodes, device)
+
+
+def gckd_epoch(model, optimizer, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
+               memory: MemoryClient, actor, augment, epoch: int, cfg: Config,
+               device: torch.device, rank: int, last_refresh: list[int]) -> dict[str, float]:
+    """One epoch of GCKD steps; returns the mean of each named loss and step statistic."""
+    model.train()
+    inner = getattr(model, "module", model)
+    batches = sampler.epoch(epoch)
+    targets = feed.epoch(epoch, len(batches))
+    adapt = epoch >= cfg.gckd.warmup_epochs
+    view, sums, start = None, {}, time.perf_counter()
+    pusher = memory if rank == 0 else None
+    for step, (idx, (image_rows, text_rows)) in enumerate(zip(batches, targets)):
+        global_step = epoch * len(batches) + step
+        if step % cfg.gckd.snapshot_every == 0:
+            view = read_memory(memory, actor, global_step, cfg, rank, device, last_refresh)
+        src = {k: v.to(device) for k, v in split.batch(idx).items()}
+        src["images"] = normalize(augment(src["images"]))
+        tgt = feed.batch(image_rows, text_rows, augment, device)
+        out = model(src, tgt, view, adapt)
+        optimizer.zero_grad(set_to_none=True)
+        out.losses["loss"].backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        inner.ema_step()
+        push_teacher(pusher, out.teacher, split, idx, tgt)
+        for name, value in {**out.losses, **out.stats}.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        if rank == 0 and (step + 1) % cfg.train.log_every == 0:
+            log_progress(epoch, cfg.train.epochs, step, len(batches), sums,
+                         scheduler.get_last_lr()[0], start)
+    memory.flush()
+    return {k: v / len(batches) for k, v in sums.items()}

@@ -1,0 +1,178 @@
+"""The GCKD distiller: student, EMA teacher, graph propagation and named losses in one module.
+
+One training step (``forward``) reads like single-process PyTorch: student forward on the
+source pairs and on the unpaired target images and captions, teacher forward under no_grad,
+the memory snapshot handed in as tensors, graph propagation over batch + memory nodes, and a
+dict of weighted losses. The EMA update and the memory push are explicit calls after the
+optimizer step (``ema_step``; the worker pushes ``StepOutput.teacher``), never hidden in
+``forward``. Target ids and target pairing are never inputs: target positives come from the
+teacher (mutual nearest neighbours, refined by the graph) and the memory's pseudo-ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from gckd_ray.config import Config
+from gckd_ray.model.encoders import DualEncoder
+from gckd_ray.model.graph import PropagationNet, gmp_loss, knn_edges, propagate_teacher
+from gckd_ray.model.losses import SourceLoss, cmkd_loss, cross_modal_pseudo_pairs
+from gckd_ray.model.momentum import FrozenTeacher, ema_update, make_teacher
+
+# Source labels and target pseudo-ids share one integer space for positive masks; target
+# groups are shifted past any source label. -1 means "no known group" and is never positive.
+TARGET_GROUP_OFFSET = 1 << 40
+
+
+@dataclass
+class MemoryView:
+    """Teacher features from the global memory, as tensors (no grad).
+
+    ``image``/``text`` are the whole queues (CMKD keys); ``graph_nodes`` the C newest entries
+    per modality and domain that join the step's graph. ``*_groups`` are source labels,
+    target pseudo-ids + TARGET_GROUP_OFFSET, or -1.
+    """
+
+    image: torch.Tensor          # (Mi, D)
+    image_groups: torch.Tensor   # (Mi,)
+    text: torch.Tensor           # (Mt, D)
+    text_groups: torch.Tensor    # (Mt,)
+    graph_nodes: torch.Tensor    # (4C, D)
+    target_image_pseudo: torch.Tensor  # (num target images,) pseudo-id per target image row
+    target_text_pseudo: torch.Tensor   # (num target captions,)
+
+
+@dataclass
+class StepOutput:
+    losses: dict[str, torch.Tensor]
+    teacher: dict[str, torch.Tensor]  # detached teacher features to push: src/tgt x image/text
+    stats: dict[str, float]
+
+
+def _groups(pseudo: torch.Tensor) -> torch.Tensor:
+    return torch.where(pseudo >= 0, pseudo + TARGET_GROUP_OFFSET, torch.full_like(pseudo, -1))
+
+
+def _same_group(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a[:, None] == b[None, :]) & (a[:, None] >= 0)
+
+
+class GCKDDistiller(nn.Module):
+    def __init__(self, student: DualEncoder, source_loss: SourceLoss, cfg: Config):
+        super().__init__()
+        self.encoder = student  # named like Retriever's, so checkpoints/eval read it the same way
+        self.teacher = FrozenTeacher(make_teacher(student))
+        self.objective = source_loss
+        self.propagation = (PropagationNet(student.embed_dim, cfg.graph.num_layers)
+                            if cfg.graph.enabled else None)
+        self.gckd, self.graph_cfg, self.distill = cfg.gckd, cfg.graph, cfg.distill
+        self.weights = cfg.loss.weights
+
+    @torch.no_grad()
+    def ema_step(self) -> None:
+        ema_update(self.teacher.module, self.encoder, self.gckd.momentum)
+
+    def forward(self, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
+                memory: MemoryView | None, adapt: bool) -> StepOutput:
+        """source: images (B,3,H,W), input_ids/attention_mask (B,L), pids (B,);
+        target: images (Bi,3,H,W), image_rows (Bi,), input_ids/attention_mask (Bt,L),
+        text_rows (Bt,) - unpaired, no ids."""
+        s_img, s_txt = self.encoder(source["images"], source["input_ids"],
+                                    source["attention_mask"])                    # (B, D)
+        losses = self.objective(s_img, s_txt, source["pids"])
+        teacher = self._teacher_features(source, target)
+        if not adapt:
+            return StepOutput(losses, teacher, {})
+        g_img = self.encoder.encode_image(target["images"])                      # (Bi, D)
+        g_txt = self.encoder.encode_text(target["input_ids"], target["attention_mask"])
+        student = torch.cat([s_img, s_txt, g_img, g_txt])                        # (N, D)
+        teacher_nodes = torch.cat([teacher["src_image"], teacher["src_text"],
+                                   teacher["tgt_image"], teacher["tgt_text"]])
+        refined = teacher_nodes
+        if self.propagation is not None:
+            gmp, refined = self._propagate(student, teacher_nodes, memory, len(s_img),
+                                           len(g_img))
+            losses["gmp"] = self.weights.gmp * gmp
+        pos_t2i, pos_i2t, stats = self._target_positives(refined, source, target, memory,
+                                                         len(s_img), len(g_img))
+        if self.distill.mode == "cmkd":
+            losses["cmkd"] = self.weights.cmkd * self._cmkd(
+                (s_img, g_img, s_txt, g_txt), teacher, memory, pos_t2i, pos_i2t)
+        losses["loss"] = sum(v for k, v in losses.items() if k != "loss")
+        return StepOutput(losses, teacher, stats)
+
+    @torch.no_grad()
+    def _teacher_features(self, source, target) -> dict[str, torch.Tensor]:
+        t = self.teacher.module
+        return {"src_image": t.encode_image(source["images"]),
+                "src_text": t.encode_text(source["input_ids"], source["attention_mask"]),
+                "tgt_image": t.encode_image(target["images"]),
+                "tgt_text": t.encode_text(target["input_ids"], target["attention_mask"])}
+
+    def _propagate(self, student, teacher_nodes, memory, b, bi):
+        """GMP: batch + memory nodes, kNN on teacher features; returns (loss, refined batch
+        teacher features). Memory nodes are context only (teacher features, no grad)."""
+        context = (memory.graph_nodes if memory is not None and self.gckd.use_memory
+                   else teacher_nodes.new_zeros((0, teacher_nodes.shape[1])))
+        nodes_t = torch.cat([teacher_nodes, context])
+        edges = knn_edges(nodes_t, min(self.graph_cfg.k, len(nodes_t) - 1))
+        prop = self.propagation(torch.cat([student, context]), edges)[: len(student)]
+        smooth = propagate_teacher(nodes_t, edges, self.graph_cfg.temperature)[: len(student)]
+        image_rows = torch.cat([torch.arange(b), torch.arange(2 * b, 2 * b + bi)])
+        text_rows = torch.cat([torch.arange(b, 2 * b), torch.arange(2 * b + bi, len(student))])
+        loss = 0.5 * (gmp_loss(prop[image_rows], smooth[image_rows], self.graph_cfg.temperature)
+                      + gmp_loss(prop[text_rows], smooth[text_rows], self.graph_cfg.temperature))
+        return loss, smooth
+
+    @torch.no_grad()
+    def _target_positives(self, refined, source, target, memory, b, bi):
+        """Positive masks for CMKD keys [src images; tgt images; memory images] (t2i) and the
+        mirror (i2t). Target positives: teacher mutual-NN pairs on graph-refined features,
+        and shared memory pseudo-ids."""
+        tgt_img, tgt_txt = refined[2 * b: 2 * b + bi], refined[2 * b + bi:]
+        pairs = cross_modal_pseudo_pairs(tgt_img, tgt_txt, self.gckd.pair_threshold)  # (Bi, Bt)
+        img_groups = torch.full((bi,), -1, dtype=torch.long, device=pairs.device)
+        txt_groups = torch.full((len(tgt_txt),), -1, dtype=torch.long, device=pairs.device)
+        if memory is not None and self.gckd.use_pseudo_ids:
+            img_groups = _groups(memory.target_image_pseudo[target["image_rows"]])
+            txt_groups = _groups(memory.target_text_pseudo[target["text_rows"]])
+        pids = source["pids"]
+        key_img = torch.cat([pids, img_groups])
+        key_txt = torch.cat([pids, txt_groups])
+        query_txt, query_img = key_txt, key_img
+        pos_t2i = _same_group(query_txt, key_img)
+        pos_i2t = _same_group(query_img, key_txt)
+        pos_t2i[b:, b:] |= pairs.T
+        pos_i2t[b:, b:] |= pairs
+        if memory is not None and self.gckd.use_memory:
+            pos_t2i = torch.cat([pos_t2i, _same_group(query_txt, memory.image_groups)], 1)
+            pos_i2t = torch.cat([pos_i2t, _same_group(query_img, memory.text_groups)], 1)
+        stats = {"pseudo_pairs": float(pairs.sum()),
+                 "target_text_with_positive": float(pos_t2i[b:].any(1).float().mean())}
+        return pos_t2i, pos_i2t, stats
+
+    def _cmkd(self, students, teacher, memory, pos_t2i, pos_i2t) -> torch.Tensor:
+        s_img, g_img, s_txt, g_txt = students
+        keys_img = torch.cat([teacher["src_image"], teacher["tgt_image"]])
+        keys_txt = torch.cat([teacher["src_text"], teacher["tgt_text"]])
+        if memory is not None and self.gckd.use_memory:
+            keys_img = torch.cat([keys_img, memory.image])
+            keys_txt = torch.cat([keys_txt, memory.text])
+        d = self.distill
+        t2i = cmkd_loss(torch.cat([s_txt, g_txt]),
+                        torch.cat([teacher["src_text"], teacher["tgt_text"]]),
+                        keys_img, pos_t2i, d.tau_s, d.tau_t, d.alpha)
+        i2t = cmkd_loss(torch.cat([s_img, g_img]),
+                        torch.cat([teacher["src_image"], teacher["tgt_image"]]),
+                        keys_txt, pos_i2t, d.tau_s, d.tau_t, d.alpha)
+        return 0.5 * (t2i + i2t)
+
+
+def build_gckd(cfg: Config, tokenizer, num_classes: int) -> GCKDDistiller:
+    from gckd_ray.model.retriever import build_encoder
+
+    student = build_encoder(cfg, tokenizer)
+    return GCKDDistiller(student, SourceLoss(cfg.loss, student.embed_dim, num_classes), cfg)

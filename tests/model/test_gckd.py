@@ -1,0 +1,80 @@
+"""The GCKD distiller in one process: named losses, ablation switches, EMA, no target ids."""
+
+import pytest
+import torch
+
+from gckd_ray.config import load_config
+from gckd_ray.data.tokenizer import WordTokenizer
+from gckd_ray.model.gckd import TARGET_GROUP_OFFSET, MemoryView, build_gckd
+
+CAPTIONS = ["a man in a red shirt", "a woman in blue jeans", "a man with a black bag",
+            "a woman wearing a green coat"]
+
+
+def _setup(*overrides):
+    cfg = load_config(None, ["model.hidden_size=32", "model.embed_dim=16", "model.num_layers=1",
+                             "model.num_heads=2", "graph.k=3", *overrides])
+    tok = WordTokenizer.build(CAPTIONS)
+    torch.manual_seed(0)
+    model = build_gckd(cfg, tok, num_classes=4)
+    ids, mask, _ = tok.encode(CAPTIONS, cfg.data.text_length)
+    images = torch.randn(4, 3, cfg.data.image_height, cfg.data.image_width)
+    source = {"images": images, "input_ids": ids, "attention_mask": mask,
+              "pids": torch.tensor([0, 1, 2, 3])}
+    target = {"images": images.flip(0), "image_rows": torch.tensor([0, 1, 2, 3]),
+              "input_ids": ids.flip(0), "attention_mask": mask.flip(0),
+              "text_rows": torch.tensor([3, 2, 1, 0])}
+    return cfg, model, source, target
+
+
+def _memory(dim=16, n=12):
+    feats = torch.nn.functional.normalize(torch.randn(n, dim), dim=1)
+    groups = torch.tensor([0, 1, 2, 3, -1, TARGET_GROUP_OFFSET + 5] * (n // 6))
+    return MemoryView(image=feats, image_groups=groups, text=feats.flip(0),
+                      text_groups=groups.flip(0), graph_nodes=feats[:8],
+                      target_image_pseudo=torch.tensor([5, -1, 5, -1]),
+                      target_text_pseudo=torch.tensor([-1, 5, -1, 5]))
+
+
+def test_losses_by_phase_and_switches():
+    cfg, model, source, target = _setup()
+    warm = model(source, target, _memory(), adapt=False).losses
+    assert set(warm) == {"itc", "id", "loss"}
+    full = model(source, target, _memory(), adapt=True)
+    assert set(full.losses) == {"itc", "id", "gmp", "cmkd", "loss"}
+    assert torch.isclose(full.losses["loss"],
+                         sum(v for k, v in full.losses.items() if k != "loss"))
+    assert set(full.teacher) == {"src_image", "src_text", "tgt_image", "tgt_text"}
+    _, no_graph, *_ = _setup("graph.enabled=false")
+    assert "gmp" not in no_graph(source, target, _memory(), adapt=True).losses
+    _, no_cmkd, *_ = _setup("distill.mode=none")
+    assert "cmkd" not in no_cmkd(source, target, None, adapt=True).losses
+
+
+def test_gradients_reach_student_not_teacher_and_ema_moves_teacher():
+    cfg, model, source, target = _setup()
+    model(source, target, _memory(), adapt=True).losses["loss"].backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.encoder.parameters())
+    assert all(p.grad is not None for p in model.propagation.parameters())
+    before = [p.clone() for p in model.teacher.parameters()]
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(0.1)
+    model.ema_step()
+    moved = [(a - b.detach()).abs().max() for a, b in zip(model.teacher.parameters(), before)]
+    assert all(m == pytest.approx(0.1 * (1 - cfg.gckd.momentum), rel=1e-3) for m in moved)
+
+
+def test_target_positives_come_from_pseudo_ids_and_teacher_pairs_only():
+    cfg, model, source, target = _setup("gckd.pair_threshold=1.1")  # no mutual-NN pairs
+    refined = torch.nn.functional.normalize(torch.randn(16, 16), dim=1)
+    pos_t2i, pos_i2t, stats = model._target_positives(refined, source, target, _memory(), 4, 4)
+    # Target text rows 3,2,1,0 -> pseudo ids 5,-1,5,-1; target images rows 0..3 -> 5,-1,5,-1.
+    tgt_block = pos_t2i[4:, 4:8]
+    assert tgt_block.tolist() == [[True, False, True, False], [False] * 4,
+                                  [True, False, True, False], [False] * 4]
+    assert stats["pseudo_pairs"] == 0
+    assert not pos_t2i[4:, :4].any()  # a target caption never matches a source image
+    assert pos_i2t.shape == (8, 8 + 12) and pos_t2i.shape == (8, 8 + 12)
