@@ -215,9 +215,9 @@ def test_images_differ_between_domains(synth):
         corners = np.stack([im[:4, :4].reshape(-1, 3) for im in images])  # background
         stats[domain] = (np.mean([im.mean() for im in images]), corners.mean(),
                          np.mean([im[:, :4].std() for im in images]))
-    # cuhk: plain light background; icfg: darker, cluttered; rstp: sky/road gradient.
-    assert stats["synth-cuhk"][1] > 200 > stats["synth-icfg"][1] + 60
-    assert stats["synth-cuhk"][0] > stats["synth-icfg"][0] + 40
+    # cuhk: plain light background; icfg: dimmer, low-contrast clutter; rstp: sky/road gradient.
+    assert stats["synth-cuhk"][1] > 200 > stats["synth-icfg"][1] + 30
+    assert stats["synth-cuhk"][0] > stats["synth-icfg"][0] + 30
     assert stats["synth-icfg"][2] > 2 * stats["synth-cuhk"][2]
     assert stats["synth-rstp"][2] > 2 * stats["synth-cuhk"][2]
 
