@@ -15,7 +15,7 @@ from gckd_ray.config import Config
 from gckd_ray.data.datasets import PairedSplit, UnpairedStreams, UnpairedTarget
 from gckd_ray.data.transforms import normalize
 from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryClient
-from gckd_ray.distributed.progress import log_progress
+from gckd_ray.distributed.loop import log_progress, optimizer_step
 from gckd_ray.model.gckd import TARGET_GROUP_OFFSET, MemoryView
 from gckd_ray.model.losses import all_gather_no_grad
 
@@ -122,12 +122,7 @@ def gckd_epoch(model, optimizer, scheduler, split: PairedSplit, sampler, feed: T
         src["images"] = normalize(augment(src["images"]))
         tgt = feed.batch(image_rows, text_rows, augment, device)
         out = model(src, tgt, view, adapt)
-        optimizer.zero_grad(set_to_none=True)
-        out.losses["loss"].backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(model, optimizer, scheduler, out.losses["loss"], cfg.train.grad_clip)
         inner.ema_step()
         push_teacher(pusher, out.teacher, split, idx, tgt)
         for name, value in {**out.losses, **out.stats}.items():

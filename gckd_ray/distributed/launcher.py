@@ -65,7 +65,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     output.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = prepare_tokenizer(cfg)
     init_ray()
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from gckd_ray.distributed.worker import train_loop_per_worker
@@ -86,7 +86,9 @@ def run_training(cfg: Config) -> dict[str, Any]:
         run_config=RunConfig(
             name=run_name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2)),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Train's per-report INFO lines would drown the progress output.
+            logging_config=LoggingConfig(log_level="WARNING")),
     )
     try:
         result = trainer.fit()

@@ -18,7 +18,7 @@ import ray.train
 import ray.train.torch
 import torch
 
-from gckd_ray.config import Config, config_from_dict
+from gckd_ray.config import Config, DomainConfig, config_from_dict
 from gckd_ray.data.datasets import (IdentityBalancedSampler, PairedSplit, build_unpaired,
                                     load_records, load_split)
 from gckd_ray.data.tokenizer import load_tokenizer
@@ -26,17 +26,15 @@ from gckd_ray.data.transforms import TrainAugment, normalize
 from gckd_ray.distributed.adaptation import TargetFeed, gckd_epoch
 from gckd_ray.distributed.checkpointing import load_training_state, save_checkpoint
 from gckd_ray.distributed.memory import MemoryClient, get_memory_actor
-from gckd_ray.distributed.progress import log_progress
+from gckd_ray.distributed.loop import log_progress, optimizer_step
 from gckd_ray.evaluate import evaluate_split
 from gckd_ray.model.gckd import build_gckd
 from gckd_ray.model.retriever import build_retriever
 
 
-def _labelled_split_name(cfg: Config) -> tuple[str, Any]:
+def _labelled_domain(cfg: Config) -> DomainConfig:
     # The oracle trains on target labels: a measurement-only upper bound, never a GCKD input.
-    if cfg.method == "oracle":
-        return "train", cfg.data.target
-    return "train", cfg.data.source
+    return cfg.data.target if cfg.method == "oracle" else cfg.data.source
 
 
 def _lr_lambda(cfg: Config, steps_per_epoch: int):
@@ -65,12 +63,7 @@ def train_epoch(model, optimizer, scheduler, split: PairedSplit, sampler, augmen
         batch = _to_device(split.batch(idx), device)
         images = normalize(augment(batch.pop("images")))
         losses = model(images, **batch)
-        optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(model, optimizer, scheduler, losses["loss"], cfg.train.grad_clip)
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.item()
         if log and (step + 1) % cfg.train.log_every == 0:
@@ -88,8 +81,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(tokenizer_dir)
 
-    split_name, domain = _labelled_split_name(cfg)
-    train_split = load_split(cfg, domain, split_name, tokenizer, verbose=rank == 0)
+    train_split = load_split(cfg, _labelled_domain(cfg), "train", tokenizer, verbose=rank == 0)
     test_split = load_split(cfg, cfg.data.target, "test", tokenizer, verbose=rank == 0)
     sampler = IdentityBalancedSampler(train_split.labels, cfg.train.batch_size,
                                       cfg.train.instances_per_id, cfg.run.seed, rank, world)

@@ -1,8 +1,21 @@
-"""Progress lines printed by rank 0 during an epoch."""
+"""Pieces shared by the epoch loops: the optimizer step and rank 0's progress lines."""
 
 from __future__ import annotations
 
 import time
+
+import torch
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                   loss: torch.Tensor, grad_clip: float) -> None:
+    """Backward, optional global-norm clipping, optimizer and LR-scheduler step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
 
 
 def log_progress(epoch: int, epochs: int, step: int, steps: int, sums: dict[str, float],
