@@ -5,7 +5,7 @@
 Encodes the target TRAIN split with a checkpoint's encoder and reports, per cosine threshold,
 how many cross-modal mutual-nearest-neighbour pairs there are and which fraction joins a
 caption with an image of the same person. Ground-truth target ids are read here and only here:
-training and model selection never see them. Use it to choose ``gckd.pair_threshold``.
+training and model selection never see them. Use it to judge how far the teacher can be trusted on the target.
 """
 
 from __future__ import annotations

@@ -100,9 +100,9 @@ class GCKDConfig:
     snapshot_every: int = 5
     pseudo_every: int = 20
     pseudo_k: int = 5
-    pseudo_threshold: float = 0.5
-    # In-batch teacher pseudo-pairs: mutual nearest neighbours above this cosine.
-    pair_threshold: float = 0.5
+    pseudo_threshold: float = 0.0
+    # Centre each modality's target features before the pseudo-id graph (reduces hubs).
+    pseudo_center: bool = True
     # Epochs of source-only training before adaptation losses switch on.
     warmup_epochs: int = 0
     use_pseudo_ids: bool = True

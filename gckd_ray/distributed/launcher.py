@@ -44,6 +44,7 @@ def start_memory(cfg: Config, run_name: str, tokenizer_dir: str):
         num_target_images=len({r.image_key for r in records}), num_target_texts=len(records),
         restore_from=str(Path(cfg.run.output_dir) / "memory" / run_name),
         pseudo_k=cfg.gckd.pseudo_k, pseudo_threshold=cfg.gckd.pseudo_threshold,
+        pseudo_center=cfg.gckd.pseudo_center,
         faiss_threads=1, seed=cfg.run.seed)
 
 

@@ -6,7 +6,9 @@ the memory snapshot handed in as tensors, graph propagation over batch + memory 
 dict of weighted losses. The EMA update and the memory push are explicit calls after the
 optimizer step (``ema_step``; the worker pushes ``StepOutput.teacher``), never hidden in
 ``forward``. Target ids and target pairing are never inputs: target positives come from the
-teacher (mutual nearest neighbours, refined by the graph) and the memory's pseudo-ids.
+memory's pseudo-ids, which its cross-domain graph derives from teacher features of the whole
+target set. In-batch mutual nearest neighbours are not used: an unpaired batch rarely holds
+a caption's person at all (64 of 4,000 images: ~3%), and such pairs measured 0% precision.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch import nn
 from gckd_ray.config import Config
 from gckd_ray.model.encoders import DualEncoder
 from gckd_ray.model.graph import PropagationNet, gmp_loss, knn_edges, propagate_teacher
-from gckd_ray.model.losses import SourceLoss, cmkd_loss, cross_modal_pseudo_pairs
+from gckd_ray.model.losses import SourceLoss, cmkd_loss
 from gckd_ray.model.momentum import FrozenTeacher, ema_update, make_teacher
 
 # Source labels and target pseudo-ids share one integer space for positive masks; target
@@ -91,13 +93,10 @@ class GCKDDistiller(nn.Module):
         student = torch.cat([s_img, s_txt, g_img, g_txt])                        # (N, D)
         teacher_nodes = torch.cat([teacher["src_image"], teacher["src_text"],
                                    teacher["tgt_image"], teacher["tgt_text"]])
-        refined = teacher_nodes
         if self.propagation is not None:
-            gmp, refined = self._propagate(student, teacher_nodes, memory, len(s_img),
-                                           len(g_img))
-            losses["gmp"] = self.weights.gmp * gmp
-        pos_t2i, pos_i2t, stats = self._target_positives(refined, source, target, memory,
-                                                         len(s_img), len(g_img))
+            losses["gmp"] = self.weights.gmp * self._propagate(student, teacher_nodes, memory,
+                                                               len(s_img), len(g_img))
+        pos_t2i, pos_i2t, stats = self._target_positives(source, target, memory)
         if self.distill.mode == "cmkd":
             losses["cmkd"] = self.weights.cmkd * self._cmkd(
                 (s_img, g_img, s_txt, g_txt), teacher, memory, pos_t2i, pos_i2t)
@@ -112,9 +111,9 @@ class GCKDDistiller(nn.Module):
                 "tgt_image": t.encode_image(target["images"]),
                 "tgt_text": t.encode_text(target["input_ids"], target["attention_mask"])}
 
-    def _propagate(self, student, teacher_nodes, memory, b, bi):
-        """GMP: batch + memory nodes, kNN on teacher features; returns (loss, refined batch
-        teacher features). Memory nodes are context only (teacher features, no grad)."""
+    def _propagate(self, student, teacher_nodes, memory, b, bi) -> torch.Tensor:
+        """GMP loss: batch + memory nodes, kNN on teacher features. Memory nodes are context
+        only (teacher features, no grad)."""
         context = (memory.graph_nodes if memory is not None and self.gckd.use_memory
                    else teacher_nodes.new_zeros((0, teacher_nodes.shape[1])))
         nodes_t = torch.cat([teacher_nodes, context])
@@ -123,35 +122,28 @@ class GCKDDistiller(nn.Module):
         smooth = propagate_teacher(nodes_t, edges, self.graph_cfg.temperature)[: len(student)]
         image_rows = torch.cat([torch.arange(b), torch.arange(2 * b, 2 * b + bi)])
         text_rows = torch.cat([torch.arange(b, 2 * b), torch.arange(2 * b + bi, len(student))])
-        loss = 0.5 * (gmp_loss(prop[image_rows], smooth[image_rows], self.graph_cfg.temperature)
+        return 0.5 * (gmp_loss(prop[image_rows], smooth[image_rows], self.graph_cfg.temperature)
                       + gmp_loss(prop[text_rows], smooth[text_rows], self.graph_cfg.temperature))
-        return loss, smooth
 
     @torch.no_grad()
-    def _target_positives(self, refined, source, target, memory, b, bi):
+    def _target_positives(self, source, target, memory):
         """Positive masks for CMKD keys [src images; tgt images; memory images] (t2i) and the
-        mirror (i2t). Target positives: teacher mutual-NN pairs on graph-refined features,
-        and shared memory pseudo-ids."""
-        tgt_img, tgt_txt = refined[2 * b: 2 * b + bi], refined[2 * b + bi:]
-        pairs = cross_modal_pseudo_pairs(tgt_img, tgt_txt, self.gckd.pair_threshold)  # (Bi, Bt)
-        img_groups = torch.full((bi,), -1, dtype=torch.long, device=pairs.device)
-        txt_groups = torch.full((len(tgt_txt),), -1, dtype=torch.long, device=pairs.device)
+        mirror (i2t): same source id, or same memory pseudo-id on the target."""
+        device = source["pids"].device
+        img_groups = torch.full((len(target["image_rows"]),), -1, dtype=torch.long, device=device)
+        txt_groups = torch.full((len(target["text_rows"]),), -1, dtype=torch.long, device=device)
         if memory is not None and self.gckd.use_pseudo_ids:
             img_groups = _groups(memory.target_image_pseudo[target["image_rows"]])
             txt_groups = _groups(memory.target_text_pseudo[target["text_rows"]])
-        pids = source["pids"]
-        key_img = torch.cat([pids, img_groups])
-        key_txt = torch.cat([pids, txt_groups])
-        query_txt, query_img = key_txt, key_img
-        pos_t2i = _same_group(query_txt, key_img)
-        pos_i2t = _same_group(query_img, key_txt)
-        pos_t2i[b:, b:] |= pairs.T
-        pos_i2t[b:, b:] |= pairs
+        key_img = torch.cat([source["pids"], img_groups])
+        key_txt = torch.cat([source["pids"], txt_groups])
+        pos_t2i, pos_i2t = _same_group(key_txt, key_img), _same_group(key_img, key_txt)
         if memory is not None and self.gckd.use_memory:
-            pos_t2i = torch.cat([pos_t2i, _same_group(query_txt, memory.image_groups)], 1)
-            pos_i2t = torch.cat([pos_i2t, _same_group(query_img, memory.text_groups)], 1)
-        stats = {"pseudo_pairs": float(pairs.sum()),
-                 "target_text_with_positive": float(pos_t2i[b:].any(1).float().mean())}
+            pos_t2i = torch.cat([pos_t2i, _same_group(key_txt, memory.image_groups)], 1)
+            pos_i2t = torch.cat([pos_i2t, _same_group(key_img, memory.text_groups)], 1)
+        b = len(source["pids"])
+        stats = {"target_text_with_positive": float(pos_t2i[b:].any(1).float().mean()),
+                 "target_image_with_positive": float(pos_i2t[b:].any(1).float().mean())}
         return pos_t2i, pos_i2t, stats
 
     def _cmkd(self, students, teacher, memory, pos_t2i, pos_i2t) -> torch.Tensor:

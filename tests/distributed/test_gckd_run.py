@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 GCKD = ("method=gckd", "train.epochs=2", "gckd.warmup_epochs=1", "gckd.queue_size=512",
         "gckd.memory_nodes=16", "gckd.snapshot_every=2", "gckd.pseudo_every=4",
-        "gckd.pair_threshold=0.0", "graph.k=5")
+        "graph.k=5")
 
 
 def _scrambled_copy(domain_dir, out_dir, seed=0):

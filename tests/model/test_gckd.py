@@ -67,14 +67,13 @@ def test_gradients_reach_student_not_teacher_and_ema_moves_teacher():
     assert all(m == pytest.approx(0.1 * (1 - cfg.gckd.momentum), rel=1e-3) for m in moved)
 
 
-def test_target_positives_come_from_pseudo_ids_and_teacher_pairs_only():
-    cfg, model, source, target = _setup("gckd.pair_threshold=1.1")  # no mutual-NN pairs
-    refined = torch.nn.functional.normalize(torch.randn(16, 16), dim=1)
-    pos_t2i, pos_i2t, stats = model._target_positives(refined, source, target, _memory(), 4, 4)
+def test_target_positives_come_from_memory_pseudo_ids_only():
+    cfg, model, source, target = _setup()
+    pos_t2i, pos_i2t, stats = model._target_positives(source, target, _memory())
     # Target text rows 3,2,1,0 -> pseudo ids 5,-1,5,-1; target images rows 0..3 -> 5,-1,5,-1.
     tgt_block = pos_t2i[4:, 4:8]
     assert tgt_block.tolist() == [[True, False, True, False], [False] * 4,
                                   [True, False, True, False], [False] * 4]
-    assert stats["pseudo_pairs"] == 0
+    assert stats["target_text_with_positive"] == 0.5
     assert not pos_t2i[4:, :4].any()  # a target caption never matches a source image
     assert pos_i2t.shape == (8, 8 + 12) and pos_t2i.shape == (8, 8 + 12)
