@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from helpers import write_tiny_clip_tokenizer
 from gckd_ray.data.tokenizer import (  # noqa: E402
     WORD_VOCAB_FILE, CLIPBPETokenizer, Tokenizer, WordTokenizer, load_tokenizer, split_words)
 
@@ -19,23 +19,6 @@ CAPTIONS = [
     "The man wears black shoes, and a red bag.",
     "A woman with a blue skirt",
 ]
-
-
-def write_tiny_clip_tokenizer(directory: Path) -> None:
-    """A CLIP BPE vocabulary over printable ASCII (+ '</w>' forms) and a few merges."""
-    chars = [chr(i) for i in range(33, 127)]  # bytes_to_unicode maps these to themselves
-    vocab: dict[str, int] = {}
-    for suffix in ("", "</w>"):
-        for c in chars:
-            vocab[c + suffix] = len(vocab)
-    merges = ["r e", "re d</w>", "m a", "ma n</w>"]
-    for merge in merges:
-        vocab[merge.replace(" ", "")] = len(vocab)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 def test_split_words_lowercases_and_splits_punctuation():

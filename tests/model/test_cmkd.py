@@ -6,19 +6,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from helpers import softmax as _softmax, unit as _unit
 from gckd_ray.model.losses import cmkd_loss, cross_modal_pseudo_pairs
-
-
-def _unit(rows: list[list[float]]) -> torch.Tensor:
-    return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=-1)
-
-
-def _softmax(row: list[float]) -> list[float]:
-    m = max(row)
-    e = [math.exp(v - m) for v in row]
-    return [v / sum(e) for v in e]
 
 
 def _cmkd_by_hand(qs, qt, keys, positives, tau_s, tau_t, alpha) -> float:

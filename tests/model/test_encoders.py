@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -13,6 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig  # noqa: E402
 
+from helpers import write_tiny_clip_tokenizer
 from gckd_ray.config import ModelConfig  # noqa: E402
 from gckd_ray.data.tokenizer import CLIPBPETokenizer, WordTokenizer, load_tokenizer  # noqa: E402
 from gckd_ray.model.encoders import (  # noqa: E402
@@ -21,24 +21,6 @@ from gckd_ray.model.encoders import (  # noqa: E402
 CAPTIONS = ["a man in a red coat and black shoes .", "a woman with a blue skirt",
             "the man carries a red bag", "a girl in a white shirt"]
 SMALL = ModelConfig(embed_dim=16, hidden_size=32, num_layers=1, num_heads=2, patch_size=8)
-
-
-def write_tiny_clip_tokenizer(directory: Path, eos_last: bool = True) -> None:
-    """A CLIP BPE vocabulary over printable ASCII (+ '</w>' forms) and a few merges; the
-    specials come last, eos the largest id as in OpenAI CLIP unless ``eos_last`` is False."""
-    chars = [chr(i) for i in range(33, 127)]
-    vocab: dict[str, int] = {}
-    for suffix in ("", "</w>"):
-        for c in chars:
-            vocab[c + suffix] = len(vocab)
-    merges = ["r e", "re d</w>", "m a", "ma n</w>"]
-    for merge in merges:
-        vocab[merge.replace(" ", "")] = len(vocab)
-    for special in ("<|startoftext|>", "<|endoftext|>")[::1 if eos_last else -1]:
-        vocab[special] = len(vocab)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
 def _tiny(text_length: int = 12, image_size=(64, 32)) -> tuple[DualEncoder, WordTokenizer]:

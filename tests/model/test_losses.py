@@ -13,19 +13,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from helpers import softmax as _softmax, unit as _unit
 from gckd_ray.config import LossConfig, LossWeights
 from gckd_ray.model.losses import (
     IdentityClassifier, SourceLoss, all_gather_with_grad, itc_loss, sdm_loss)
-
-
-def _unit(rows: list[list[float]]) -> torch.Tensor:
-    return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=-1)
-
-
-def _softmax(row: list[float]) -> list[float]:
-    m = max(row)
-    e = [math.exp(v - m) for v in row]
-    return [v / sum(e) for v in e]
 
 
 def _sdm_by_hand(img, txt, pids, tau, eps=1e-8) -> float:

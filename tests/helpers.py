@@ -1,0 +1,40 @@
+"""Small builders shared by several test modules (importable as ``helpers``)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def write_tiny_clip_tokenizer(directory: Path, eos_last: bool = True) -> None:
+    """A CLIP BPE vocabulary over printable ASCII (+ '</w>' forms) and a few merges; the
+    specials come last, eos the largest id as in OpenAI CLIP unless ``eos_last`` is False."""
+    chars = [chr(i) for i in range(33, 127)]  # bytes_to_unicode maps these to themselves
+    vocab: dict[str, int] = {}
+    for suffix in ("", "</w>"):
+        for c in chars:
+            vocab[c + suffix] = len(vocab)
+    merges = ["r e", "re d</w>", "m a", "ma n</w>"]
+    for merge in merges:
+        vocab[merge.replace(" ", "")] = len(vocab)
+    for special in ("<|startoftext|>", "<|endoftext|>")[::1 if eos_last else -1]:
+        vocab[special] = len(vocab)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def unit(rows: list[list[float]]) -> torch.Tensor:
+    """Rows as L2-normalised float64 vectors."""
+    return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=-1)
+
+
+def softmax(row: list[float]) -> list[float]:
+    """A plain-Python softmax for hand-computed expectations."""
+    m = max(row)
+    e = [math.exp(v - m) for v in row]
+    return [v / sum(e) for v in e]
