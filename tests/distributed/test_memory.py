@@ -10,7 +10,7 @@ import torch
 
 from gckd_ray.distributed.memory import (
     MEMORY_FILE, MODALITIES, SOURCE, TARGET, MemoryBank, MemoryClient, connected_components,
-    create_memory_actor, mutual_knn_edges)
+    create_memory_actor, cross_modal_mutual_edges)
 
 D = 16
 
@@ -174,21 +174,37 @@ def test_target_labels_never_reach_the_bank():
     assert bank.version == 0 and bank.stats()["image_filled"] == 0  # rejected pushes left no trace
 
 
-def test_mutual_knn_and_components_against_brute_force():
+def test_cross_modal_mutual_knn_and_components_against_brute_force():
     rng = np.random.default_rng(3)
-    x = unit(rng.normal(size=(60, 8)))
+    images, texts = unit(rng.normal(size=(40, 8))), unit(rng.normal(size=(30, 8)))
     k, thr = 4, 0.2
-    edges = mutual_knn_edges(x, k, thr)
-    sim = x @ x.T
-    np.fill_diagonal(sim, -np.inf)
-    knn = np.argsort(-sim, axis=1, kind="stable")[:, :k]
-    expected = {(i, j) for i in range(60) for j in knn[i]
-                if i < j and i in knn[j] and sim[i, j] >= thr}
-    assert set(map(tuple, edges.tolist())) == expected
+    edges = cross_modal_mutual_edges(images, texts, k, thr)
+    sim = images @ texts.T
+    texts_of = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    images_of = np.argsort(-sim.T, axis=1, kind="stable")[:, :k]
+    expected = {(i, 40 + t) for i in range(40) for t in texts_of[i]
+                if i in images_of[t] and sim[i, t] >= thr}
+    assert set(map(tuple, edges.tolist())) == expected and expected
     labels = connected_components(7, np.array([[5, 6], [0, 3], [3, 1], [6, 4]]))
     assert labels.tolist() == [0, 0, 2, 0, 4, 4, 4]
     assert connected_components(3, np.zeros((0, 2), np.int64)).tolist() == [0, 1, 2]
-    assert len(mutual_knn_edges(x[:1], k, thr)) == 0
+    assert len(cross_modal_mutual_edges(images[:0], texts, k, thr)) == 0
+
+
+def test_modality_gap_still_yields_cross_modal_pseudo_ids():
+    # Texts sit in their own cone (a shared offset): every image's nearest node overall is
+    # another image, yet each image and its caption are mutual cross-modal neighbours.
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(20, D))
+    images = unit(centres + 0.1 * rng.normal(size=(20, D)) + 3 * np.eye(D)[0])
+    texts = unit(centres + 0.1 * rng.normal(size=(20, D)) - 3 * np.eye(D)[0])
+    bank = MemoryBank(D, queue_size=64, num_target_images=20, num_target_texts=20, pseudo_k=1,
+                      pseudo_threshold=-1.0)
+    target_push(bank, "image", images, range(20))
+    target_push(bank, "text", texts, range(20))
+    stats = bank.refresh_pseudo_ids()
+    pids_img, pids_txt = bank.pseudo_ids()
+    assert stats["num_clusters"] == 20 and (pids_img == pids_txt).all() and (pids_img >= 0).all()
 
 
 # ---------------------------------------------------------------------- save / load
