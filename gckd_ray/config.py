@@ -105,8 +105,9 @@ class GCKDConfig:
     pseudo_threshold: float = 0.0
     # Centre each modality's target features before the pseudo-id graph (reduces hubs).
     pseudo_center: bool = True
-    # Epochs of source-only training before adaptation losses switch on.
-    warmup_epochs: int = 0
+    # Epochs of source-only training before adaptation losses switch on: a from-scratch
+    # teacher has no target structure worth distilling before it has learned the source.
+    warmup_epochs: int = 10
     use_pseudo_ids: bool = True
     use_memory: bool = True
 
@@ -349,6 +350,73 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+KEY_HELP: dict[str, str] = {
+    "method": "gckd (adapt to the unlabelled target), source_only, or oracle (trains on target "
+              "labels: a measurement-only upper bound)",
+    "data.source.name": "labelled source dataset",
+    "data.source.root": "folder with the annotation JSON and imgs/ ('' = SynthPEDES cache)",
+    "data.source.paired": "ignored for the source (always paired and labelled)",
+    "data.target.name": "unlabelled target dataset (test split is scored)",
+    "data.target.root": "folder with the annotation JSON and imgs/ ('' = SynthPEDES cache)",
+    "data.target.paired": "easier variant: target pairs known (ids still unknown)",
+    "data.on_bad_record": "error: stop at a bad record; skip: drop it and count per cause",
+    "data.image_height": "image height after resizing (384 for real data)",
+    "data.image_width": "image width after resizing (128 for real data)",
+    "data.text_length": "tokens per caption incl. bos/eos (77 for CLIP); longer are truncated",
+    "data.synth_seed": "SynthPEDES generator seed",
+    "data.synth_cache": "SynthPEDES cache folder ('' = ~/.cache/gckd_ray/synthpedes)",
+    "data.synth_scale": "multiplies SynthPEDES identity counts",
+    "data.cache_images": "decode every image once into memory (off for large real datasets)",
+    "model.pretrained": "local Hugging Face CLIP folder ('' = tiny random CLIP below)",
+    "model.embed_dim": "tiny CLIP: joint embedding size",
+    "model.hidden_size": "tiny CLIP: transformer width of both towers",
+    "model.num_layers": "tiny CLIP: layers per tower",
+    "model.num_heads": "tiny CLIP: attention heads",
+    "model.patch_size": "tiny CLIP: image patch size in pixels",
+    "loss.weights.sdm": "IRRA similarity-distribution matching on source pairs",
+    "loss.weights.itc": "image-text contrastive (InfoNCE) on source pairs",
+    "loss.weights.id": "identity classification on source embeddings",
+    "loss.weights.cmkd": "contrastive momentum knowledge distillation (gckd)",
+    "loss.weights.gmp": "graph-based multi-modal propagation (gckd)",
+    "loss.sdm_temperature": "SDM temperature (IRRA: 0.02)",
+    "loss.itc_temperature": "ITC temperature",
+    "gckd.momentum": "EMA momentum of the teacher",
+    "gckd.queue_size": "memory queue length per modality",
+    "gckd.memory_nodes": "memory features per modality and domain in each step's graph",
+    "gckd.snapshot_every": "steps between memory snapshot reads",
+    "gckd.pseudo_every": "steps between target pseudo-id refreshes",
+    "gckd.pseudo_k": "cross-modal neighbours per node in the pseudo-id graph",
+    "gckd.pseudo_threshold": "minimum cosine of a pseudo-id graph edge",
+    "gckd.pseudo_center": "centre target features per modality before the pseudo-id graph",
+    "gckd.warmup_epochs": "source-only epochs before the adaptation losses switch on",
+    "gckd.use_pseudo_ids": "ablation: target positives from memory pseudo-ids",
+    "gckd.use_memory": "ablation: memory queue as CMKD keys and graph nodes",
+    "graph.enabled": "ablation: graph propagation (GMP) on/off",
+    "graph.k": "neighbours per node of the step's kNN graph",
+    "graph.num_layers": "message-passing layers of the propagation network",
+    "graph.temperature": "temperature of graph smoothing and the GMP loss",
+    "distill.mode": "cmkd, or none (ablation: no distillation loss)",
+    "distill.tau_s": "student temperature of CMKD",
+    "distill.tau_t": "teacher temperature of CMKD",
+    "distill.alpha": "weight of the teacher distribution vs positives in the CMKD target",
+    "train.epochs": "epochs (one epoch: every source identity once per worker group)",
+    "train.batch_size": "source pairs (and target images/captions) per worker per step",
+    "train.instances_per_id": "captions per identity in a source batch",
+    "train.lr": "AdamW peak learning rate (linear warm-up, cosine decay)",
+    "train.weight_decay": "AdamW weight decay",
+    "train.warmup_epochs": "epochs of linear learning-rate warm-up",
+    "train.grad_clip": "global gradient-norm clip (0 = off)",
+    "train.num_workers": "Ray Train workers (data-parallel ranks)",
+    "train.use_gpu": "one GPU per worker, NCCL",
+    "train.cpus_per_worker": "CPUs reserved per worker (also its torch threads)",
+    "train.max_failures": "worker failures survived by restoring the last checkpoint",
+    "train.log_every": "steps between progress lines",
+    "run.seed": "seed of initialisation, sampling and augmentation",
+    "run.output_dir": "results.json, checkpoints (ray/), tokenizer/ and memory/ go here",
+    "run.resume": "continue the last run in run.output_dir from its latest checkpoint",
+}
+
+
 def describe_keys(cfg: Any = None, prefix: str = "") -> list[tuple[str, str, Any]]:
     """Every dotted key with its type name and default, for ``--help``."""
     cfg = Config() if cfg is None else cfg
@@ -366,6 +434,7 @@ def describe_keys(cfg: Any = None, prefix: str = "") -> list[tuple[str, str, Any
 
 def help_epilog() -> str:
     lines = ["configuration keys (override any with key=value; YAML files use the same nesting):"]
-    lines += [f"  {key:<32} {kind:<6} default: {value!r}" for key, kind, value in describe_keys()]
+    for key, kind, value in describe_keys():
+        lines += [f"  {key:<26} {kind:<5} {value!r:<14} {KEY_HELP[key]}"]
     lines += ["", f"methods: {', '.join(METHODS)}", f"datasets: {', '.join(DATASET_NAMES)}"]
     return "\n".join(lines)

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from gckd_ray.config import Config, ConfigError, describe_keys, load_config, save_config
+from gckd_ray.config import (KEY_HELP, Config, ConfigError, describe_keys, load_config,
+                             save_config)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
@@ -89,7 +90,8 @@ def test_every_experiment_yaml_loads(path):
     assert isinstance(load_config(path), Config)
 
 
-def test_help_lists_every_key():
+def test_help_lists_and_explains_every_key():
     keys = [k for k, _, _ in describe_keys()]
+    assert set(keys) == set(KEY_HELP)
     assert "train.epochs" in keys and "data.target.paired" in keys
     assert len(keys) == len(set(keys))
