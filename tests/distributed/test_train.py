@@ -19,7 +19,7 @@ def test_two_worker_source_only_run_writes_results(ray_session, tiny_config, cap
     assert results["protocol"] == "synth-cuhk->synth-icfg" and results["method"] == "source_only"
     assert "no target labels" in results["selection"]
     assert [h["epoch"] for h in results["history"]] == [1, 2]
-    assert set(METRIC_KEYS) <= set(results["final"]) and {"sdm", "id", "loss"} <= set(
+    assert set(METRIC_KEYS) <= set(results["final"]) and {"itc", "id", "loss"} <= set(
         results["history"][0])
     assert 0.0 <= results["final"]["R1"] <= results["final"]["R5"] <= results["final"]["R10"]
     out = capsys.readouterr().out
