@@ -1,4 +1,4 @@
-"""IRRA-compatible text-to-image retrieval metrics (DESIGN §6); later also the evaluate CLI.
+"""IRRA-compatible text-to-image retrieval metrics (DESIGN §6), split encoding, evaluate CLI.
 
 For each query caption the gallery is ranked by score, descending, ties broken by gallery index
 (lower index first, i.e. a stable sort). From the ranks of the correct gallery images (same
@@ -23,10 +23,14 @@ instead of the O(G log G) of a full sort, and the tests check it against a plain
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from gckd_ray.data.transforms import normalize
 
 __all__ = ["retrieval_metrics", "retrieval_metrics_from_embeddings"]
 
@@ -276,11 +280,6 @@ def _positive_ranks(scores, positives, num_pos, work, keys, tie) -> torch.Tensor
 # Encoding a split (sharded over data-parallel workers) and the evaluate CLI (``python -m
 # gckd_ray.evaluate``). The metric code above stays free of I/O, model and dataset imports.
 # ---------------------------------------------------------------------------------------------
-
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from gckd_ray.data.transforms import normalize  # noqa: E402
 
 def _dist_info() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -7,6 +7,7 @@ import pytest
 
 from gckd_ray.distributed.launcher import run_training
 from gckd_ray.distributed.results import METRIC_KEYS
+from gckd_ray.evaluate import main as evaluate_main
 
 pytestmark = pytest.mark.slow
 
@@ -24,6 +25,13 @@ def test_two_worker_source_only_run_writes_results(ray_session, tiny_config, cap
     assert 0.0 <= results["final"]["R1"] <= results["final"]["R5"] <= results["final"]["R10"]
     out = capsys.readouterr().out
     assert "R1" in out and "mINP" in out
+
+    # The evaluate CLI on the final checkpoint reproduces the run's final metrics.
+    checkpoint = max(Path(cfg.run.output_dir).glob("ray/*/checkpoint_*/state.json")).parent
+    assert evaluate_main(["--checkpoint", str(checkpoint)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: printed[k] for k in METRIC_KEYS} == pytest.approx(results["final"], abs=1e-6)
+    assert evaluate_main(["--checkpoint", str(checkpoint.parent)]) == 2  # not a checkpoint
 
 
 def test_resume_continues_after_the_last_epoch(ray_session, tiny_config):
