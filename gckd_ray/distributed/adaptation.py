@@ -15,8 +15,8 @@ from gckd_ray.config import Config
 from gckd_ray.data.datasets import PairedSplit, UnpairedStreams, UnpairedTarget
 from gckd_ray.data.transforms import normalize
 from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryClient
-from gckd_ray.distributed.loop import log_progress, optimizer_step
-from gckd_ray.model.gckd import TARGET_GROUP_OFFSET, MemoryView
+from gckd_ray.distributed.loop import log_progress, optimizer_step, to_device
+from gckd_ray.model.gckd import MemoryView, target_groups
 from gckd_ray.model.losses import all_gather_no_grad
 
 
@@ -28,8 +28,7 @@ def memory_view(snapshot: dict[str, torch.Tensor], nodes_per_group: int,
 
     def groups(modality: str) -> torch.Tensor:
         labels, domain = snapshot[f"{modality}_labels"], snapshot[f"{modality}_domain"]
-        shifted = torch.where(labels >= 0, labels + TARGET_GROUP_OFFSET, -1)
-        return torch.where(domain == SOURCE, labels, shifted).to(device)
+        return torch.where(domain == SOURCE, labels, target_groups(labels)).to(device)
 
     graph = []
     for modality in ("image", "text"):
@@ -118,7 +117,7 @@ def gckd_epoch(model, optimizer, scheduler, split: PairedSplit, sampler, feed: T
         global_step = epoch * len(batches) + step
         if step % cfg.gckd.snapshot_every == 0:
             view = read_memory(memory, actor, global_step, cfg, rank, device, last_refresh)
-        src = {k: v.to(device) for k, v in split.batch(idx).items()}
+        src = to_device(split.batch(idx), device)
         src["images"] = normalize(augment(src["images"]))
         tgt = feed.batch(image_rows, text_rows, augment, device)
         out = model(src, tgt, view, adapt)

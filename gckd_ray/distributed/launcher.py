@@ -13,34 +13,33 @@ from typing import Any
 
 from gckd_ray.config import Config
 from gckd_ray.data.datasets import load_records
+from gckd_ray.data.formats import Record
 from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.distributed.memory import create_memory_actor, memory_actor_name
 from gckd_ray.distributed.results import format_table, results_path, write_results
 from gckd_ray.distributed.runtime import init_ray
+from gckd_ray.model.encoders import embedding_dim
 
 
-def prepare_tokenizer(cfg: Config) -> str:
+def prepare_tokenizer(cfg: Config, target_train: list[Record]) -> str:
     """A local CLIP folder brings its BPE; otherwise build a word vocabulary from the training
     captions of both domains (captions only: no ids, no pairing)."""
     if cfg.model.pretrained:
         return cfg.model.pretrained
-    captions = [r.caption for domain in (cfg.data.source, cfg.data.target)
-                for r in load_records(cfg, domain, "train").records]
+    source_train = load_records(cfg, cfg.data.source, "train").records
+    captions = [r.caption for r in source_train + target_train]
     out = Path(cfg.run.output_dir) / "tokenizer"
     WordTokenizer.build(captions).save(out)
     return str(out)
 
 
-def start_memory(cfg: Config, run_name: str, tokenizer_dir: str):
+def start_memory(cfg: Config, run_name: str, records: list[Record]):
     """The run's memory actor, created by the driver so it outlives any one worker; it
-    restores its queues from ``<output_dir>/memory`` when that holds a saved state."""
-    from gckd_ray.data.tokenizer import load_tokenizer
-    from gckd_ray.model.retriever import build_encoder
-
-    records = load_records(cfg, cfg.data.target, "train").records
-    embed_dim = build_encoder(cfg, load_tokenizer(tokenizer_dir)).embed_dim
+    restores its queues from ``<output_dir>/memory`` when that holds a saved state.
+    ``records`` are the target training records (only their counts are used)."""
     return create_memory_actor(
-        memory_actor_name(run_name), dim=embed_dim, queue_size=cfg.gckd.queue_size,
+        memory_actor_name(run_name), dim=embedding_dim(cfg.model),
+        queue_size=cfg.gckd.queue_size,
         num_target_images=len({r.image_key for r in records}), num_target_texts=len(records),
         restore_from=str(Path(cfg.run.output_dir) / "memory" / run_name),
         pseudo_k=cfg.gckd.pseudo_k, pseudo_threshold=cfg.gckd.pseudo_threshold,
@@ -64,7 +63,8 @@ def run_training(cfg: Config) -> dict[str, Any]:
     cfg = cfg.with_absolute_paths()  # workers run in another working directory
     output = Path(cfg.run.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    tokenizer_dir = prepare_tokenizer(cfg)
+    target_train = load_records(cfg, cfg.data.target, "train").records
+    tokenizer_dir = prepare_tokenizer(cfg, target_train)
     init_ray()
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -76,7 +76,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
     loop_config = {"cfg": cfg.to_dict(), "tokenizer_dir": str(Path(tokenizer_dir).resolve())}
     actor = None
     if cfg.method == "gckd":
-        actor = start_memory(cfg, run_name, tokenizer_dir)
+        actor = start_memory(cfg, run_name, target_train)
         loop_config["memory_actor"] = memory_actor_name(run_name)
     trainer = TorchTrainer(
         train_loop_per_worker,

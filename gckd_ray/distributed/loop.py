@@ -1,10 +1,14 @@
-"""Pieces shared by the epoch loops: the optimizer step and rank 0's progress lines."""
+"""Pieces shared by the epoch loops: batch to device, the optimizer step, progress lines."""
 
 from __future__ import annotations
 
 import time
 
 import torch
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,

@@ -26,7 +26,7 @@ from gckd_ray.data.transforms import TrainAugment, normalize
 from gckd_ray.distributed.adaptation import TargetFeed, gckd_epoch
 from gckd_ray.distributed.checkpointing import load_training_state, save_checkpoint
 from gckd_ray.distributed.memory import MemoryClient, get_memory_actor
-from gckd_ray.distributed.loop import log_progress, optimizer_step
+from gckd_ray.distributed.loop import log_progress, optimizer_step, to_device
 from gckd_ray.evaluate import evaluate_split
 from gckd_ray.model.gckd import build_gckd
 from gckd_ray.model.retriever import build_retriever
@@ -48,10 +48,6 @@ def _lr_lambda(cfg: Config, steps_per_epoch: int):
     return factor
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def train_epoch(model, optimizer, scheduler, split: PairedSplit, sampler, augment, epoch: int,
                 cfg: Config, device: torch.device, log: bool) -> dict[str, float]:
     """One pass of identity-balanced batches; returns mean of each named loss."""
@@ -60,7 +56,7 @@ def train_epoch(model, optimizer, scheduler, split: PairedSplit, sampler, augmen
     batches = sampler.epoch(epoch)
     start = time.perf_counter()
     for step, idx in enumerate(batches):
-        batch = _to_device(split.batch(idx), device)
+        batch = to_device(split.batch(idx), device)
         images = normalize(augment(batch.pop("images")))
         losses = model(images, **batch)
         optimizer_step(model, optimizer, scheduler, losses["loss"], cfg.train.grad_clip)

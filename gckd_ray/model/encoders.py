@@ -187,6 +187,13 @@ def tiny_clip_config(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: 
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.embed_dim)
 
 
+def embedding_dim(cfg: ModelConfig) -> int:
+    """The joint embedding size ``build_dual_encoder(cfg, ...)`` will have, without building it."""
+    if cfg.pretrained:
+        return CLIPConfig.from_pretrained(cfg.pretrained, local_files_only=True).projection_dim
+    return cfg.embed_dim
+
+
 def build_dual_encoder(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int,
                        eos_id: int, text_length: int, image_size: tuple[int, int]
                        ) -> DualEncoder:

@@ -54,7 +54,8 @@ class StepOutput:
     stats: dict[str, float]
 
 
-def _groups(pseudo: torch.Tensor) -> torch.Tensor:
+def target_groups(pseudo: torch.Tensor) -> torch.Tensor:
+    """Target pseudo-ids -> the shared group space (shifted past source labels; -1 stays)."""
     return torch.where(pseudo >= 0, pseudo + TARGET_GROUP_OFFSET, torch.full_like(pseudo, -1))
 
 
@@ -133,8 +134,8 @@ class GCKDDistiller(nn.Module):
         img_groups = torch.full((len(target["image_rows"]),), -1, dtype=torch.long, device=device)
         txt_groups = torch.full((len(target["text_rows"]),), -1, dtype=torch.long, device=device)
         if memory is not None and self.gckd.use_pseudo_ids:
-            img_groups = _groups(memory.target_image_pseudo[target["image_rows"]])
-            txt_groups = _groups(memory.target_text_pseudo[target["text_rows"]])
+            img_groups = target_groups(memory.target_image_pseudo[target["image_rows"]])
+            txt_groups = target_groups(memory.target_text_pseudo[target["text_rows"]])
         key_img = torch.cat([source["pids"], img_groups])
         key_txt = torch.cat([source["pids"], txt_groups])
         pos_t2i, pos_i2t = _same_group(key_txt, key_img), _same_group(key_img, key_txt)

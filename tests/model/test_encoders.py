@@ -16,7 +16,7 @@ from helpers import write_tiny_clip_tokenizer
 from gckd_ray.config import ModelConfig  # noqa: E402
 from gckd_ray.data.tokenizer import CLIPBPETokenizer, WordTokenizer, load_tokenizer  # noqa: E402
 from gckd_ray.model.encoders import (  # noqa: E402
-    DualEncoder, build_dual_encoder, resample_position_embedding)
+    DualEncoder, build_dual_encoder, embedding_dim, resample_position_embedding)
 
 CAPTIONS = ["a man in a red coat and black shoes .", "a woman with a blue skirt",
             "the man carries a red bag", "a girl in a white shirt"]
@@ -124,7 +124,8 @@ def test_local_path_pretrained_loading(tmp_path):
                   eos_id=tok.eos_id, text_length=16)
 
     square = build_dual_encoder(cfg, image_size=(32, 32), **kwargs).eval()
-    assert square.embed_dim == 24
+    assert square.embed_dim == 24 == embedding_dim(cfg)
+    assert embedding_dim(SMALL) == SMALL.embed_dim
     saved_table = saved.vision_model.embeddings.position_embedding.weight
     torch.testing.assert_close(
         square.clip.vision_model.embeddings.position_embedding.weight, saved_table)
