@@ -1,10 +1,11 @@
-"""Offline diagnostic: how good are the teacher's target pseudo-pairs? (reads target labels)
+"""Offline diagnostic: how good are the target pseudo-pairs? (reads target labels)
 
-    python -m experiments.diagnose_pseudo_pairs --checkpoint DIR [--thresholds 0.2 0.3 0.5]
+    python -m experiments.diagnose_pseudo_pairs --checkpoint DIR [--thresholds 0.0 0.3] [--k 1]
 
-Encodes the target TRAIN split with a checkpoint's encoder and reports, per cosine threshold,
-how many cross-modal mutual-nearest-neighbour pairs there are and which fraction joins a
-caption with an image of the same person. Ground-truth target ids are read here and only here:
+Encodes the target TRAIN split with a checkpoint's encoder and builds the memory's own
+pseudo-id graph edges (``cross_modal_mutual_edges``, raw and centred per modality as
+``gckd.pseudo_center`` does); reports, per cosine threshold, how many image-caption edges there
+are and which fraction joins a caption with an image of the same person. Ground-truth target ids are read here and only here:
 training and model selection never see them. Use it to judge how far the teacher can be trusted on the target.
 """
 
@@ -15,23 +16,24 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gckd_ray.data.datasets import load_split
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.distributed.checkpointing import load_checkpoint_config
+from gckd_ray.distributed.memory import centred_rows, cross_modal_mutual_edges, normalised_rows
 from gckd_ray.evaluate import encode_split, load_encoder
-from gckd_ray.model.losses import cross_modal_pseudo_pairs
 
 
-def pair_precision(images: torch.Tensor, texts: torch.Tensor, image_labels: torch.Tensor,
-                   text_labels: torch.Tensor, threshold: float) -> dict[str, float]:
-    pairs = cross_modal_pseudo_pairs(images, texts, threshold)  # (M, N)
-    img, txt = pairs.nonzero(as_tuple=True)
-    correct = (image_labels[img] == text_labels[txt]).float()
-    return {"threshold": threshold, "pairs": int(len(img)),
-            "caption_coverage": len(txt) / len(texts),
-            "precision": float(correct.mean()) if len(img) else float("nan")}
+def pair_precision(images: np.ndarray, texts: np.ndarray, image_labels: np.ndarray,
+                   text_labels: np.ndarray, k: int, threshold: float) -> dict[str, float]:
+    edges = cross_modal_mutual_edges(images, texts, k, threshold)
+    img, txt = edges[:, 0], edges[:, 1] - len(images)
+    correct = image_labels[img] == text_labels[txt]
+    return {"k": k, "threshold": threshold, "pairs": int(len(edges)),
+            "caption_coverage": len(np.unique(txt)) / len(texts),
+            "precision": float(correct.mean()) if len(edges) else float("nan")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,15 +41,19 @@ def main(argv: list[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--thresholds", nargs="+", type=float, default=[0.0, 0.2, 0.3, 0.4, 0.5])
+    parser.add_argument("--k", type=int, default=1, help="as gckd.pseudo_k")
     args = parser.parse_args(argv)
     cfg = load_checkpoint_config(args.checkpoint)
     tokenizer = load_tokenizer(Path(args.checkpoint) / "tokenizer")
     split = load_split(cfg, cfg.data.target, "train", tokenizer, verbose=True)
     images, texts = encode_split(load_encoder(args.checkpoint, cfg, tokenizer), split,
                                  torch.device("cpu"))
-    for threshold in args.thresholds:
-        print(json.dumps(pair_precision(images, texts, split.image_labels, split.labels,
-                                        threshold)))
+    labels = split.image_labels.numpy(), split.labels.numpy()
+    for name, prepare in (("raw", normalised_rows), ("centred", centred_rows)):
+        for threshold in args.thresholds:
+            stats = pair_precision(prepare(images.numpy()), prepare(texts.numpy()), *labels,
+                                   args.k, threshold)
+            print(json.dumps({"features": name, **stats}))
     return 0
 
 

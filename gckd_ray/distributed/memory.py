@@ -193,7 +193,7 @@ class MemoryBank:
             ``num_nodes``, ``num_edges``.
         """
         rows = {m: np.flatnonzero(self._seen[m]) for m in MODALITIES}
-        prepare = _centred if self.pseudo_center else _normalised
+        prepare = centred_rows if self.pseudo_center else normalised_rows
         images, texts = (prepare(self._table[m][rows[m]]) for m in MODALITIES)
         num_images, num_nodes = len(images), len(images) + len(texts)
         edges = cross_modal_mutual_edges(images, texts, self.pseudo_k, self.pseudo_threshold,
@@ -370,15 +370,15 @@ def read_state(directory: str | Path) -> dict[str, np.ndarray]:
     return state
 
 
-def _normalised(features: np.ndarray) -> np.ndarray:
+def normalised_rows(features: np.ndarray) -> np.ndarray:
     x = features.astype(np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _centred(features: np.ndarray) -> np.ndarray:
+def centred_rows(features: np.ndarray) -> np.ndarray:
     """Subtract the mean and re-normalise rows (float32)."""
     x = features.astype(np.float32)
-    return _normalised(x - x.mean(0, keepdims=True) if len(x) else x)
+    return normalised_rows(x - x.mean(0, keepdims=True) if len(x) else x)
 
 
 def _knn(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -196,32 +196,3 @@ def cmkd_loss(student_queries: torch.Tensor, teacher_queries: torch.Tensor, keys
         target = torch.where(count > 0, mixed, teacher_dist)  # (B, M)
     log_p_student = (student_queries.float() @ keys.t() / tau_s).log_softmax(dim=1)  # (B, M)
     return -(target * log_p_student).sum(dim=1).mean()
-
-
-@torch.no_grad()
-def cross_modal_pseudo_pairs(image_feats: torch.Tensor, text_feats: torch.Tensor,
-                             threshold: float = 0.5) -> torch.Tensor:
-    """High-confidence target pseudo-pairs: cross-modal mutual nearest neighbours.
-
-    (i, t) is a pair iff t is image i's most similar caption, i is caption t's most similar
-    image (argmax ties go to the lower index) and cos(i, t) >= threshold. Uses teacher features
-    only (optionally graph-smoothed by the caller), never labels.
-
-    Args:
-        image_feats: (Bi, D) teacher image features; text_feats: (Bt, D) teacher text features.
-    Returns:
-        (Bi, Bt) bool, at most one True per row and per column.
-    """
-    num_images, num_texts = image_feats.shape[0], text_feats.shape[0]
-    pairs = torch.zeros(num_images, num_texts, dtype=torch.bool, device=image_feats.device)
-    if num_images == 0 or num_texts == 0:
-        return pairs
-    sim = F.normalize(image_feats.float(), dim=-1) @ F.normalize(text_feats.float(), dim=-1).t()
-    best_text = sim.argmax(dim=1)  # (Bi,)
-    best_image = sim.argmax(dim=0)  # (Bt,)
-    images = torch.arange(num_images, device=sim.device)
-    mutual = best_image[best_text] == images  # (Bi,)
-    confident = sim[images, best_text] >= threshold  # (Bi,)
-    keep = mutual & confident
-    pairs[images[keep], best_text[keep]] = True
-    return pairs

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import softmax as _softmax, unit as _unit
-from gckd_ray.model.losses import cmkd_loss, cross_modal_pseudo_pairs
+from gckd_ray.model.losses import cmkd_loss
 
 
 def _cmkd_by_hand(qs, qt, keys, positives, tau_s, tau_t, alpha) -> float:
@@ -78,35 +78,3 @@ def test_cmkd_gradient_only_through_student_queries():
 def test_cmkd_rejects_mismatched_positives():
     with pytest.raises(ValueError, match=r"\(B, M\)"):
         cmkd_loss(_unit(QS), _unit(QT), _unit(KEYS), torch.zeros(2, 2, dtype=torch.bool))
-
-
-def test_cross_modal_pseudo_pairs_mutual_and_confident_only():
-    e = torch.eye(4)
-    images = torch.stack([
-        e[0],                      # image 0 <-> text 0: mutual, cos 1
-        e[1],                      # image 1: best text 1, but text 1 prefers image 2
-        e[1] + 0.1 * e[3],         # image 2 <-> text 1: mutual, cos 1
-        e[2] + e[3],               # image 3 <-> text 2: mutual, cos 0.71 < 0.8
-    ])
-    texts = torch.stack([
-        e[0],
-        e[1] + 0.1 * e[3],         # image 1's best (0.995), but image 2 is its best (1)
-        e[2],
-        -e[0],                     # nobody's best text
-    ])
-    pairs = cross_modal_pseudo_pairs(images, texts, threshold=0.8)
-    expected = torch.zeros(4, 4, dtype=torch.bool)
-    expected[0, 0] = expected[2, 1] = True
-    assert torch.equal(pairs, expected)
-    # lowering the threshold admits the mutual but weaker (3, 2) pair
-    expected[3, 2] = True
-    assert torch.equal(cross_modal_pseudo_pairs(images, texts, threshold=0.5), expected)
-    # at most one pair per row and per column, and symmetric under swapping the modalities
-    assert pairs.sum(0).max() <= 1 and pairs.sum(1).max() <= 1
-    assert torch.equal(cross_modal_pseudo_pairs(texts, images, threshold=0.5), expected.t())
-
-
-def test_cross_modal_pseudo_pairs_empty_and_no_grad():
-    assert cross_modal_pseudo_pairs(torch.zeros(0, 3), torch.randn(2, 3)).shape == (0, 2)
-    img = torch.randn(3, 4, requires_grad=True)
-    assert not cross_modal_pseudo_pairs(img, torch.randn(5, 4)).requires_grad
