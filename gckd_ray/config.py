@@ -110,6 +110,9 @@ class GCKDConfig:
     warmup_epochs: int = 10
     use_pseudo_ids: bool = True
     use_memory: bool = True
+    # Remove each (domain, modality) running mean from its embeddings (model/centring.py).
+    domain_centring: bool = True
+    centring_momentum: float = 0.99
 
 
 @dataclass
@@ -391,6 +394,9 @@ KEY_HELP: dict[str, str] = {
     "gckd.warmup_epochs": "source-only epochs before the adaptation losses switch on",
     "gckd.use_pseudo_ids": "ablation: target positives from memory pseudo-ids",
     "gckd.use_memory": "ablation: memory queue as CMKD keys and graph nodes",
+    "gckd.domain_centring": "ablation: centre embeddings by per-domain, per-modality running "
+                            "means (training and target evaluation)",
+    "gckd.centring_momentum": "momentum of those running means (per step)",
     "graph.enabled": "ablation: graph propagation (GMP) on/off",
     "graph.k": "neighbours per node of the step's kNN graph",
     "graph.num_layers": "message-passing layers of the propagation network",

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from gckd_ray.data.transforms import normalize
+from gckd_ray.model.centring import TARGET
 
 __all__ = ["retrieval_metrics", "retrieval_metrics_from_embeddings"]
 
@@ -312,24 +313,31 @@ def _encode_rows(fn, total: int, batch_size: int) -> torch.Tensor:
     return _gather_rows(local, total)
 
 
-def encode_split(encoder, split, device: torch.device, batch_size: int = 256,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode a split's gallery images (M, D) and query captions (N, D), sharded over ranks."""
+def encode_split(encoder, split, device: torch.device, domain: int | None = TARGET,
+                 batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode a split's gallery images (M, D) and query captions (N, D), sharded over ranks.
+
+    ``domain``: whose running means centre the embeddings (model/centring.py); the default,
+    TARGET, is a no-op for models that never estimated target means (source-only, oracle).
+    """
     was_training = encoder.training
     encoder.eval()
     images = _encode_rows(
-        lambda rows: encoder.encode_image(normalize(split.images.fetch(rows).to(device))),
+        lambda rows: encoder.encode_image(normalize(split.images.fetch(rows).to(device)),
+                                          domain),
         len(split.images), batch_size)
     texts = _encode_rows(
-        lambda rows: encoder.encode_text(*(t.to(device) for t in split.captions.take(rows))),
+        lambda rows: encoder.encode_text(*(t.to(device) for t in split.captions.take(rows)),
+                                         domain),
         len(split.captions), batch_size)
     encoder.train(was_training)
     return images, texts
 
 
-def evaluate_split(encoder, split, device: torch.device) -> dict[str, float]:
+def evaluate_split(encoder, split, device: torch.device, domain: int | None = TARGET
+                   ) -> dict[str, float]:
     """Text-to-image retrieval on a labelled split: captions query the split's images."""
-    images, texts = encode_split(encoder, split, device)
+    images, texts = encode_split(encoder, split, device, domain)
     return retrieval_metrics_from_embeddings(texts, images, split.labels, split.image_labels)
 
 

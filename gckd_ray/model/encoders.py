@@ -25,6 +25,7 @@ from torch import nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from gckd_ray.config import ModelConfig
+from gckd_ray.model.centring import IMAGE, TEXT, DomainCentring
 
 
 def resample_position_embedding(weight: torch.Tensor, old_grid: tuple[int, int],
@@ -111,18 +112,25 @@ class DualEncoder(nn.Module):
         clip.logit_scale.requires_grad_(False)
         vision = clip.vision_model
         vision.embeddings = GridVisionEmbeddings(vision.embeddings, self.image_size)
+        self.centring = DomainCentring(self.embed_dim)
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, H, W) normalised float -> (B, D) unit-norm."""
+    def encode_image(self, pixel_values: torch.Tensor, domain: int | None = None
+                     ) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) normalised float -> (B, D) unit-norm; with ``domain``
+        (centring.SOURCE / TARGET) centred by that domain's running mean (see centring)."""
         pooled = self.clip.vision_model(pixel_values=pixel_values).pooler_output  # (B, Hv)
-        return self._project_image(pooled)
+        emb = self._project_image(pooled)
+        return emb if domain is None else self.centring(emb, domain, IMAGE)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask (B, L), each row ``[bos] ... [eos] pad`` -> (B, D) unit-norm.
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    domain: int | None = None) -> torch.Tensor:
+        """input_ids, attention_mask (B, L), each row ``[bos] ... [eos] pad`` -> (B, D) unit-norm;
+        ``domain`` as for encode_image.
 
         Rows must contain ``eos_id`` (the tokenizers guarantee it, also when truncating).
         """
-        return self._project_text(self._text_hidden(input_ids, attention_mask), input_ids)
+        emb = self._project_text(self._text_hidden(input_ids, attention_mask), input_ids)
+        return emb if domain is None else self.centring(emb, domain, TEXT)
 
     def encode_with_tokens(self, pixel_values: torch.Tensor, input_ids: torch.Tensor,
                            attention_mask: torch.Tensor

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from gckd_ray.config import Config
+from gckd_ray.model.centring import IMAGE, SOURCE, TARGET, TEXT
 from gckd_ray.model.encoders import DualEncoder
 from gckd_ray.model.graph import PropagationNet, gmp_loss, knn_edges, propagate_teacher
 from gckd_ray.model.losses import SourceLoss, cmkd_loss
@@ -83,14 +84,14 @@ class GCKDDistiller(nn.Module):
         """source: images (B,3,H,W), input_ids/attention_mask (B,L), pids (B,);
         target: images (Bi,3,H,W), image_rows (Bi,), input_ids/attention_mask (Bt,L),
         text_rows (Bt,) - unpaired, no ids."""
-        s_img, s_txt = self.encoder(source["images"], source["input_ids"],
-                                    source["attention_mask"])                    # (B, D)
-        losses = self.objective(s_img, s_txt, source["pids"])
         teacher = self._teacher_features(source, target)
+        s_img = self.encoder.encode_image(source["images"], SOURCE)               # (B, D)
+        s_txt = self.encoder.encode_text(source["input_ids"], source["attention_mask"], SOURCE)
+        losses = self.objective(s_img, s_txt, source["pids"])
         if not adapt:
             return StepOutput(losses, teacher, {})
-        g_img = self.encoder.encode_image(target["images"])                      # (Bi, D)
-        g_txt = self.encoder.encode_text(target["input_ids"], target["attention_mask"])
+        g_img = self.encoder.encode_image(target["images"], TARGET)              # (Bi, D)
+        g_txt = self.encoder.encode_text(target["input_ids"], target["attention_mask"], TARGET)
         student = torch.cat([s_img, s_txt, g_img, g_txt])                        # (N, D)
         teacher_nodes = torch.cat([teacher["src_image"], teacher["src_text"],
                                    teacher["tgt_image"], teacher["tgt_text"]])
@@ -106,11 +107,19 @@ class GCKDDistiller(nn.Module):
 
     @torch.no_grad()
     def _teacher_features(self, source, target) -> dict[str, torch.Tensor]:
+        """Teacher features of the step; they also move the student's domain means, which then
+        centre teacher and student alike (the teacher gets the means at the next EMA step)."""
         t = self.teacher.module
-        return {"src_image": t.encode_image(source["images"]),
-                "src_text": t.encode_text(source["input_ids"], source["attention_mask"]),
-                "tgt_image": t.encode_image(target["images"]),
-                "tgt_text": t.encode_text(target["input_ids"], target["attention_mask"])}
+        raw = {(SOURCE, IMAGE): t.encode_image(source["images"]),
+               (SOURCE, TEXT): t.encode_text(source["input_ids"], source["attention_mask"]),
+               (TARGET, IMAGE): t.encode_image(target["images"]),
+               (TARGET, TEXT): t.encode_text(target["input_ids"], target["attention_mask"])}
+        centring = self.encoder.centring
+        if self.gckd.domain_centring:
+            centring.update(raw, self.gckd.centring_momentum)
+        names = {(SOURCE, IMAGE): "src_image", (SOURCE, TEXT): "src_text",
+                 (TARGET, IMAGE): "tgt_image", (TARGET, TEXT): "tgt_text"}
+        return {names[key]: centring(emb, *key) for key, emb in raw.items()}
 
     def _propagate(self, student, teacher_nodes, memory, b, bi) -> torch.Tensor:
         """GMP loss: batch + memory nodes, kNN on teacher features. Memory nodes are context
