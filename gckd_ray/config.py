@@ -202,12 +202,9 @@ class Config:
                     "gckd.pseudo_every", "gckd.pseudo_k", "graph.k", "graph.num_layers",
                     "graph.temperature", "distill.tau_s", "distill.tau_t"):
             _positive(key, get_key(self, key))
-        for key in ("gckd.momentum", "distill.alpha"):
+        for key in ("gckd.momentum", "gckd.centring_momentum", "distill.alpha"):
             if not 0 <= get_key(self, key) <= 1:
                 raise ConfigError(f"{key}: must be in [0, 1], got {get_key(self, key)}")
-        if self.data.target.paired and self.method == "gckd":
-            raise ConfigError("data.target.paired: the paired-target variant of gckd is not "
-                              "implemented yet; use data.target.paired=false")
         if self.gckd.queue_size < self.train.batch_size:
             raise ConfigError(f"gckd.queue_size: must be >= train.batch_size "
                               f"({self.train.batch_size}), got {self.gckd.queue_size}")

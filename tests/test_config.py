@@ -48,7 +48,7 @@ def test_yaml_then_overrides(tmp_path):
     (["loss.sdm_temperature=-0.1"], "loss.sdm_temperature: must be > 0"),
     (["train.batch_size=30", "train.instances_per_id=4"], "train.batch_size: must be a multiple"),
     (["epochs"], "must look like key.sub=value"),
-    (["method=gckd", "data.target.paired=true"], "data.target.paired: the paired-target"),
+    (["gckd.centring_momentum=1.5"], "gckd.centring_momentum: must be in [0, 1]"),
     (["distill.mode=kd"], "distill.mode: must be one of cmkd, none"),
     (["distill.alpha=1.5"], "distill.alpha: must be in [0, 1]"),
     (["graph.k=0"], "graph.k: must be > 0"),

@@ -12,10 +12,11 @@ from __future__ import annotations
 import concurrent.futures
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gckd_ray.config import Config, DomainConfig
-from gckd_ray.data.formats import DomainRecords, load_domain, read_image
+from gckd_ray.data.formats import DomainRecords, Record, load_domain, read_image
 from gckd_ray.data.tokenizer import Tokenizer
 from gckd_ray.data.transforms import pil_to_uint8
 
@@ -202,27 +203,44 @@ class UnpairedStreams:
 
 @dataclass
 class UnpairedTarget:
-    """Target training data with ids and pairing removed: just images and captions.
+    """Target training data with ids removed: images and captions, and - only in the
+    ``paired: true`` variant - which image each caption describes.
 
-    Images are ordered by file key and captions by text, so not even row order hints at which
-    caption describes which image; shuffling captions across images or permuting ids in the
-    annotation file leaves this object unchanged.
+    Images are ordered by file key and captions by text, so in the default unpaired setting not
+    even row order hints at which caption describes which image; shuffling captions across
+    images or permuting ids in the annotation file leaves this object unchanged.
     """
 
     images: ImageSource
     captions: Captions
+    image_of: torch.Tensor | None = None  # (N,) caption row -> image row; paired variant only
+
+
+def _target_order(records: list[Record]) -> tuple[list[str], list[Record]]:
+    keys = sorted({rec.image_key for rec in records})
+    return keys, sorted(records, key=lambda r: (r.caption, r.image_key))
+
+
+def target_pairs(records: list[Record]) -> np.ndarray:
+    """Caption row -> image row of the target training set in ``build_unpaired``'s order (the
+    paired variant's known pairs; ids are not part of it)."""
+    keys, captions = _target_order(records)
+    row = {k: i for i, k in enumerate(keys)}
+    return np.array([row[r.image_key] for r in captions], np.int64)
 
 
 def build_unpaired(domain: DomainRecords, tokenizer: Tokenizer, text_length: int,
-                   image_size: tuple[int, int], cache_images: bool) -> UnpairedTarget:
+                   image_size: tuple[int, int], cache_images: bool,
+                   paired: bool = False) -> UnpairedTarget:
     if not domain.records:
         raise ValueError(f"{domain.name}/{domain.split}: no records left to adapt on")
     first: dict[str, tuple[str, str, int]] = {}
     for rec in domain.records:
         first.setdefault(rec.image_key, (rec.image_path, rec.source, rec.index))
-    keys = sorted(first)
+    keys, captions = _target_order(domain.records)
     paths = [first[k][0] for k in keys]
     where = [(first[k][1], first[k][2]) for k in keys]
-    ids, mask, truncated = tokenizer.encode(sorted(r.caption for r in domain.records), text_length)
+    ids, mask, truncated = tokenizer.encode([r.caption for r in captions], text_length)
+    image_of = torch.from_numpy(target_pairs(domain.records)) if paired else None
     return UnpairedTarget(ImageSource(paths, where, image_size, cache_images),
-                          Captions(ids, mask, truncated))
+                          Captions(ids, mask, truncated), image_of)

@@ -44,7 +44,8 @@ def memory_view(snapshot: dict[str, torch.Tensor], nodes_per_group: int,
 
 
 class TargetFeed:
-    """Unpaired target batches: image rows and caption rows from independent streams."""
+    """Target batches: image rows and caption rows from independent streams; in the paired
+    variant the images are those of the step's captions (so pairs meet in the batch)."""
 
     def __init__(self, target: UnpairedTarget, cfg: Config, rank: int, world: int):
         self.target = target
@@ -52,7 +53,10 @@ class TargetFeed:
                                        cfg.train.batch_size, cfg.run.seed, rank, world)
 
     def epoch(self, epoch: int, steps: int):
-        return self.streams.epoch(epoch, steps)
+        batches = self.streams.epoch(epoch, steps)
+        if self.target.image_of is None:
+            return batches
+        return [(self.target.image_of[captions], captions) for _, captions in batches]
 
     def batch(self, image_rows: torch.Tensor, text_rows: torch.Tensor, augment,
               device: torch.device) -> dict[str, torch.Tensor]:

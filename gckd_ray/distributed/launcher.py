@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gckd_ray.config import Config
-from gckd_ray.data.datasets import load_records
+from gckd_ray.data.datasets import load_records, target_pairs
 from gckd_ray.data.formats import Record
 from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.distributed.memory import create_memory_actor, memory_actor_name
@@ -44,6 +44,7 @@ def start_memory(cfg: Config, run_name: str, records: list[Record]):
         restore_from=str(Path(cfg.run.output_dir) / "memory" / run_name),
         pseudo_k=cfg.gckd.pseudo_k, pseudo_threshold=cfg.gckd.pseudo_threshold,
         pseudo_center=cfg.gckd.pseudo_center,
+        target_pairs=target_pairs(records) if cfg.data.target.paired else None,
         faiss_threads=1, seed=cfg.run.seed)
 
 

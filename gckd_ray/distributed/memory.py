@@ -84,7 +84,7 @@ class MemoryBank:
     def __init__(self, dim: int, queue_size: int, num_target_images: int, num_target_texts: int,
                  pseudo_k: int = 5, pseudo_threshold: float = 0.5, seed: int = 0,
                  feature_dtype: str = "float32", faiss_threads: int = 0,
-                 pseudo_center: bool = True):
+                 pseudo_center: bool = True, target_pairs: np.ndarray | None = None):
         if dim <= 0 or queue_size <= 0 or num_target_images < 0 or num_target_texts < 0:
             raise ValueError("dim and queue_size must be > 0, target sizes >= 0")
         if feature_dtype not in FEATURE_DTYPES:
@@ -97,6 +97,8 @@ class MemoryBank:
         self.pseudo_k, self.pseudo_threshold, self.seed = pseudo_k, float(pseudo_threshold), seed
         self.feature_dtype, self.faiss_threads = feature_dtype, faiss_threads
         self.pseudo_center = pseudo_center
+        # Paired-target variant: caption row -> image row of the target training set.
+        self.target_pairs = None if target_pairs is None else self._check_pairs(target_pairs)
         self.version = 0         # +1 per push
         self.pseudo_version = 0  # +1 per refresh_pseudo_ids
         dt = np.dtype(feature_dtype)
@@ -109,6 +111,14 @@ class MemoryBank:
         self._table = {m: np.zeros((n, dim), dt) for m, n in self.num_targets.items()}
         self._seen = {m: np.zeros(n, bool) for m, n in self.num_targets.items()}
         self._pseudo = {m: np.full(n, -1, np.int64) for m, n in self.num_targets.items()}
+
+    def _check_pairs(self, pairs: np.ndarray) -> np.ndarray:
+        pairs = np.asarray(pairs, np.int64)
+        n_img, n_txt = self.num_targets["image"], self.num_targets["text"]
+        if pairs.shape != (n_txt,) or (n_txt and not 0 <= pairs.min() <= pairs.max() < n_img):
+            raise ValueError(f"target_pairs must map each of the {n_txt} target captions to an "
+                             f"image row in [0, {n_img}), got shape {pairs.shape}")
+        return pairs
 
     # ------------------------------------------------------------------ queues
     def push(self, modality: str, features: np.ndarray, domain: int, labels: np.ndarray,
@@ -192,6 +202,8 @@ class MemoryBank:
             rows with a pseudo-id), ``mean_cluster_size`` (nodes per pseudo-id),
             ``num_nodes``, ``num_edges``.
         """
+        if self.target_pairs is not None:
+            return self._pair_ids()
         rows = {m: np.flatnonzero(self._seen[m]) for m in MODALITIES}
         prepare = centred_rows if self.pseudo_center else normalised_rows
         images, texts = (prepare(self._table[m][rows[m]]) for m in MODALITIES)
@@ -270,13 +282,24 @@ class MemoryBank:
     # ------------------------------------------------------------------ state
     _CONFIG_KEYS = ("dim", "queue_size", "num_target_images", "num_target_texts")
 
+    def _pair_ids(self) -> dict[str, float]:
+        """Paired variant: each target image is its own group, each caption joins its image's
+        (the pairs are known; person ids still are not)."""
+        self._pseudo["image"] = np.arange(self.num_targets["image"], dtype=np.int64)
+        self._pseudo["text"] = self.target_pairs.copy()
+        self.pseudo_version += 1
+        n_img, n_txt = self.num_targets["image"], self.num_targets["text"]
+        return {"num_clusters": float(n_img), "image_coverage": 1.0, "text_coverage": 1.0,
+                "mean_cluster_size": (n_img + n_txt) / n_img if n_img else 0.0,
+                "num_nodes": float(n_img + n_txt), "num_edges": float(n_txt)}
+
     @staticmethod
     def _state_keys() -> list[str]:
         per_modality = ("{m}_features", "{m}_domain", "{m}_labels", "{m}_indices", "{m}_ptr",
                         "{m}_count", "target_{m}_features", "target_{m}_seen",
                         "target_{m}_pseudo_ids")
         return [*MemoryBank._CONFIG_KEYS, "pseudo_k", "seed", "version", "pseudo_version",
-                "pseudo_threshold", "feature_dtype",
+                "pseudo_threshold", "feature_dtype", "target_pairs",
                 *(k.format(m=m) for m in MODALITIES for k in per_modality)]
 
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -288,6 +311,9 @@ class MemoryBank:
         state = {k: np.array(v, np.int64) for k, v in state.items()}
         state["pseudo_threshold"] = np.array(self.pseudo_threshold, np.float64)
         state["feature_dtype"] = np.array(self.feature_dtype)
+        # -1: unpaired (a zero-length array would be ambiguous with "no target captions").
+        state["target_pairs"] = (np.array(-1, np.int64) if self.target_pairs is None
+                                 else self.target_pairs)
         for m in MODALITIES:
             state.update({f"{m}_features": self._features[m], f"{m}_domain": self._domain[m],
                           f"{m}_labels": self._labels[m], f"{m}_indices": self._indices[m],
@@ -314,6 +340,8 @@ class MemoryBank:
         self.pseudo_threshold = float(state["pseudo_threshold"])
         self.version, self.pseudo_version = int(state["version"]), int(state["pseudo_version"])
         self.feature_dtype = str(state["feature_dtype"])
+        pairs = np.asarray(state["target_pairs"])
+        self.target_pairs = None if pairs.ndim == 0 else self._check_pairs(pairs)
         dt = np.dtype(self.feature_dtype)
         for m in MODALITIES:
             self._features[m] = np.array(state[f"{m}_features"], dt)
@@ -516,7 +544,8 @@ def create_memory_actor(name: str, *, dim: int, queue_size: int, num_target_imag
                         num_target_texts: int, restore_from: str, pseudo_k: int = 5,
                         pseudo_threshold: float = 0.5, max_restarts: int = 3,
                         namespace: str | None = None, feature_dtype: str = "float32",
-                        faiss_threads: int = 0, seed: int = 0, pseudo_center: bool = True):
+                        faiss_threads: int = 0, seed: int = 0, pseudo_center: bool = True,
+                        target_pairs: np.ndarray | None = None):
     """Start (or join, ``get_if_exists``) the named memory actor and wait until it answers.
 
     Create it from the driver: a non-detached actor shares the fate of the process that created
@@ -534,6 +563,7 @@ def create_memory_actor(name: str, *, dim: int, queue_size: int, num_target_imag
     ).remote(dim, queue_size, num_target_images, num_target_texts, pseudo_k=pseudo_k,
              pseudo_threshold=pseudo_threshold, seed=seed, feature_dtype=feature_dtype,
              faiss_threads=faiss_threads, pseudo_center=pseudo_center,
+             target_pairs=target_pairs,
              restore_from=restore_from)
     ray.get(actor.ready.remote())  # surfaces a failed restore here, not at the first push
     return actor

@@ -105,7 +105,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         feed = TargetFeed(build_unpaired(load_records(cfg, cfg.data.target, "train"), tokenizer,
                                          cfg.data.text_length,
                                          (cfg.data.image_height, cfg.data.image_width),
-                                         cfg.data.cache_images), cfg, rank, world)
+                                         cfg.data.cache_images, cfg.data.target.paired),
+                          cfg, rank, world)
         actor = get_memory_actor(loop_config["memory_actor"])
         memory = MemoryClient(actor)
         last_refresh = [0]  # global step of the last pseudo-id refresh

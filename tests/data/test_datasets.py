@@ -64,6 +64,21 @@ def test_unpaired_target_ignores_ids_and_pairing():
     assert plain.images.paths == shuffled.images.paths
     assert torch.equal(plain.captions.input_ids, shuffled.captions.input_ids)
     assert not hasattr(plain, "labels") and not hasattr(plain.images, "labels")
+    assert plain.image_of is None
+
+
+def test_paired_target_knows_pairs_but_not_ids():
+    pairs = [(f"im{i // 2}", f"person {i // 2} wears colour {i % 5}", i // 2) for i in range(20)]
+    tok = WordTokenizer.build(c for _, c, _ in pairs)
+    target = build_unpaired(_records(pairs), tok, 12, (8, 4), cache_images=False, paired=True)
+    for row, img in enumerate(target.image_of.tolist()):
+        person_token = target.captions.input_ids[row, 2].item()  # [bos] person <n> ...
+        person = tok.words[person_token - len(tok.SPECIALS)]
+        assert target.images.paths[img] == f"/imgs/im{person}.png"
+    relabelled = [(img, cap, 500 - pid) for img, cap, pid in pairs]
+    other = build_unpaired(_records(relabelled), tok, 12, (8, 4), cache_images=False, paired=True)
+    assert torch.equal(other.image_of, target.image_of)
+    assert other.images.paths == target.images.paths
 
 
 def test_build_split_indexes_images_and_labels():

@@ -227,6 +227,24 @@ def test_save_load_round_trip(tmp_path):
         MemoryBank(D, queue_size=32, num_target_images=12, num_target_texts=18).load_state_dict(a)
 
 
+def test_paired_variant_groups_captions_with_their_images_and_survives_save(tmp_path):
+    pairs = np.array([2, 0, 1, 1, 0])  # caption row -> image row
+    bank = MemoryBank(D, queue_size=16, num_target_images=3, num_target_texts=5,
+                      target_pairs=pairs)
+    stats = bank.refresh_pseudo_ids()  # needs no features: the pairs are known
+    snap = bank.snapshot()
+    assert snap["target_image_pseudo_ids"].tolist() == [0, 1, 2]
+    assert snap["target_text_pseudo_ids"].tolist() == pairs.tolist()
+    assert stats["text_coverage"] == stats["image_coverage"] == 1.0
+    bank.save(tmp_path)
+    loaded = MemoryBank.load(tmp_path)
+    assert loaded.target_pairs.tolist() == pairs.tolist()
+    assert MemoryBank.load(tmp_path).snapshot()["target_text_pseudo_ids"].tolist() == [2, 0, 1, 1, 0]
+    with pytest.raises(ValueError, match="target_pairs must map each of the 5 target captions"):
+        MemoryBank(D, queue_size=16, num_target_images=3, num_target_texts=5,
+                   target_pairs=np.array([0, 1, 3, 0, 0]))
+
+
 def test_load_reports_missing_and_truncated_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=MEMORY_FILE):
         MemoryBank.load(tmp_path)

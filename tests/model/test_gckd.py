@@ -77,3 +77,22 @@ def test_target_positives_come_from_memory_pseudo_ids_only():
     assert stats["target_text_with_positive"] == 0.5
     assert not pos_t2i[4:, :4].any()  # a target caption never matches a source image
     assert pos_i2t.shape == (8, 8 + 12) and pos_t2i.shape == (8, 8 + 12)
+
+
+def test_domain_centring_is_estimated_from_teacher_features_and_reaches_teacher():
+    from gckd_ray.model.centring import IMAGE, TARGET
+
+    cfg, model, source, target = _setup()
+    out = model(source, target, None, adapt=False)  # warm-up steps estimate the means too
+    centring = model.encoder.centring
+    assert centring.seen.all()
+    with torch.no_grad():
+        raw = model.teacher.module.encode_image(target["images"])
+    assert torch.allclose(centring.means[TARGET, IMAGE], raw.mean(0), atol=1e-6)
+    assert torch.allclose(out.teacher["tgt_image"],
+                          torch.nn.functional.normalize(raw - raw.mean(0), dim=1), atol=1e-5)
+    model.ema_step()
+    assert torch.equal(model.teacher.module.centring.means, centring.means)
+    _, off, *_ = _setup("gckd.domain_centring=false")
+    off(source, target, None, adapt=True)
+    assert not off.encoder.centring.seen.any()

@@ -1,0 +1,30 @@
+"""The worker's target feed: independent streams when unpaired, pairs together when paired."""
+
+import torch
+
+from gckd_ray.config import load_config
+from gckd_ray.data.datasets import Captions, UnpairedTarget
+from gckd_ray.distributed.adaptation import TargetFeed
+
+
+def _target(image_of=None):
+    ids = torch.arange(30).reshape(10, 3)
+    return UnpairedTarget(images=list(range(5)), captions=Captions(ids, torch.ones_like(ids), 0),
+                          image_of=image_of)
+
+
+def test_unpaired_feed_draws_images_and_captions_independently():
+    cfg = load_config(None, ["train.batch_size=4"])
+    steps = TargetFeed(_target(), cfg, rank=0, world=1).epoch(0, steps=3)
+    assert len(steps) == 3 and all(len(i) == len(c) == 4 for i, c in steps)
+    assert not all(torch.equal(i, c % 5) for i, c in steps)
+
+
+def test_paired_feed_brings_each_captions_own_image():
+    cfg = load_config(None, ["train.batch_size=4"])
+    image_of = torch.tensor([4, 3, 2, 1, 0, 0, 1, 2, 3, 4])
+    feed = TargetFeed(_target(image_of), cfg, rank=0, world=1)
+    unpaired = TargetFeed(_target(), cfg, rank=0, world=1).epoch(1, steps=3)
+    for (images, captions), (_, same_captions) in zip(feed.epoch(1, steps=3), unpaired):
+        assert torch.equal(captions, same_captions)  # same caption stream as unpaired
+        assert torch.equal(images, image_of[captions])
