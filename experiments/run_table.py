@@ -28,9 +28,16 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "gckd_no_graph": ("method=gckd", "graph.enabled=false"),
     "gckd_no_cmkd": ("method=gckd", "distill.mode=none"),
     "gckd_no_pseudo_ids": ("method=gckd", "gckd.use_pseudo_ids=false"),
-    # Plain self-training: in-batch teacher pseudo-pairs only; no graph, no memory.
+    "gckd_no_matching": ("method=gckd", "matching.enabled=false"),
+    "gckd_no_hard_negatives": ("method=gckd", "matching.hard_negatives=false"),
+    "gckd_no_centring": ("method=gckd", "gckd.domain_centring=false"),
+    # Plain self-training: the teacher's own distribution over in-batch keys; no graph, no
+    # memory, no pseudo-ids, no matching head, no domain centring.
     "self_training": ("method=gckd", "graph.enabled=false", "gckd.use_memory=false",
-                      "gckd.use_pseudo_ids=false", "distill.alpha=0.0"),
+                      "gckd.use_pseudo_ids=false", "matching.enabled=false",
+                      "gckd.domain_centring=false", "distill.alpha=0.0"),
+    # The easier variant: target pairs known (ids still unknown).
+    "gckd_paired": ("method=gckd", "data.target.paired=true"),
 }
 
 

@@ -80,6 +80,7 @@ class LossWeights:
     id: float = 0.5
     cmkd: float = 1.0
     gmp: float = 0.5
+    itm: float = 0.5
 
 
 @dataclass
@@ -132,6 +133,20 @@ class DistillConfig:
 
 
 @dataclass
+class MatchingConfig:
+    """Cross-domain fine-grained matching head (model/matching.py)."""
+
+    enabled: bool = True
+    hard_negatives: bool = True
+    hidden: int = 64
+    num_heads: int = 4
+    num_layers: int = 1
+    # Re-rank each query's top-k at evaluation (reported as rerank_* beside the plain metrics).
+    rerank_top_k: int = 10
+    rerank_weight: float = 1.0
+
+
+@dataclass
 class TrainConfig:
     epochs: int = 30
     # Pairs per worker per step; identity-balanced: batch_size / instances_per_id identities.
@@ -165,6 +180,7 @@ class Config:
     gckd: GCKDConfig = field(default_factory=GCKDConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -196,8 +212,12 @@ class Config:
         for key in ("data.image_height", "data.image_width", "data.text_length", "train.epochs",
                     "train.batch_size", "train.instances_per_id", "train.num_workers",
                     "model.embed_dim", "model.hidden_size", "model.num_layers", "model.num_heads",
-                    "model.patch_size"):
+                    "model.patch_size", "matching.hidden", "matching.num_heads",
+                    "matching.num_layers"):
             _positive(key, get_key(self, key))
+        if self.matching.hidden % self.matching.num_heads:
+            raise ConfigError(f"matching.hidden: must be a multiple of matching.num_heads "
+                              f"({self.matching.num_heads}), got {self.matching.hidden}")
         for key in ("gckd.queue_size", "gckd.memory_nodes", "gckd.snapshot_every",
                     "gckd.pseudo_every", "gckd.pseudo_k", "graph.k", "graph.num_layers",
                     "graph.temperature", "distill.tau_s", "distill.tau_t"):
@@ -213,7 +233,8 @@ class Config:
             _positive(key, get_key(self, key))
         for key in ("train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.max_failures",
                     "loss.weights.sdm", "loss.weights.itc", "loss.weights.id",
-                    "loss.weights.cmkd", "loss.weights.gmp"):
+                    "loss.weights.cmkd", "loss.weights.gmp", "loss.weights.itm",
+                    "matching.rerank_top_k", "matching.rerank_weight"):
             if get_key(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {get_key(self, key)}")
         if self.train.batch_size % self.train.instances_per_id:
@@ -378,6 +399,7 @@ KEY_HELP: dict[str, str] = {
     "loss.weights.id": "identity classification on source embeddings",
     "loss.weights.cmkd": "contrastive momentum knowledge distillation (gckd)",
     "loss.weights.gmp": "graph-based multi-modal propagation (gckd)",
+    "loss.weights.itm": "image-text matching head on source pairs and target pseudo-pairs (gckd)",
     "loss.sdm_temperature": "SDM temperature (IRRA: 0.02)",
     "loss.itc_temperature": "ITC temperature",
     "gckd.momentum": "EMA momentum of the teacher",
@@ -402,6 +424,14 @@ KEY_HELP: dict[str, str] = {
     "distill.tau_s": "student temperature of CMKD",
     "distill.tau_t": "teacher temperature of CMKD",
     "distill.alpha": "weight of the teacher distribution vs positives in the CMKD target",
+    "matching.enabled": "ablation: cross-domain fine-grained matching head (gckd)",
+    "matching.hard_negatives": "ablation: most similar other-id negatives (off: random ones)",
+    "matching.hidden": "matching head width",
+    "matching.num_heads": "matching head attention heads",
+    "matching.num_layers": "matching head cross-attention layers",
+    "matching.rerank_top_k": "top-k re-ranked by the head at evaluation, reported as rerank_* "
+                             "(0 = off)",
+    "matching.rerank_weight": "weight of the match probability added in re-ranking",
     "train.epochs": "epochs (one epoch: every source identity once per worker group)",
     "train.batch_size": "source pairs (and target images/captions) per worker per step",
     "train.instances_per_id": "captions per identity in a source batch",

@@ -341,6 +341,32 @@ def evaluate_split(encoder, split, device: torch.device, domain: int | None = TA
     return retrieval_metrics_from_embeddings(texts, images, split.labels, split.image_labels)
 
 
+@torch.no_grad()
+def rerank_split(encoder, head, split, device: torch.device, top_k: int, weight: float,
+                 domain: int | None = TARGET, chunk: int = 64) -> dict[str, float]:
+    """Retrieval metrics after the matching head re-scores each query's top-k images
+    (``matching.rerank``); token states are computed only for the images some query's top-k
+    holds, chunk by chunk. Under data parallelism every rank must call it (the embeddings are
+    encoded sharded and gathered); each then re-ranks all queries itself."""
+    from gckd_ray.model.matching import rerank
+
+    was_training = encoder.training, head.training
+    encoder.eval(), head.eval()
+    images, texts = encode_split(encoder, split, device, domain)
+    sim = texts @ images.t()  # (Q, G) on CPU
+    for start in range(0, len(sim), chunk):
+        block = sim[start:start + chunk]
+        rows = block.topk(min(top_k, block.shape[1]), dim=1).indices.unique()  # sorted
+        ids, mask = (t.to(device) for t in split.captions.take(
+            torch.arange(start, start + len(block))))
+        pixels = normalize(split.images.fetch(rows).to(device))
+        _, _, image_tokens, text_tokens = encoder.encode_with_tokens(pixels, ids, mask)
+        block[:, rows] = rerank(head, text_tokens, mask, image_tokens,
+                                block[:, rows].to(device), top_k, weight).cpu()
+    encoder.train(was_training[0]), head.train(was_training[1])
+    return retrieval_metrics(sim, split.labels, split.image_labels)
+
+
 def load_encoder(checkpoint: str | Path, cfg, tokenizer):
     """The dual encoder of a training checkpoint (weights loaded with weights_only=True)."""
     from gckd_ray.distributed.checkpointing import load_model_state

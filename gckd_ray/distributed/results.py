@@ -26,6 +26,8 @@ def write_results(cfg: Config, history: list[dict[str, Any]]) -> dict[str, Any]:
         "final": {k: final[k] for k in METRIC_KEYS},
         "history": history,
     }
+    if "rerank_R1" in final:  # matching-head re-ranking, reported beside, never instead
+        results["final_rerank"] = {k: final[f"rerank_{k}"] for k in METRIC_KEYS}
     path = results_path(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(results, indent=1))
@@ -36,4 +38,8 @@ def format_table(results: dict[str, Any]) -> str:
     header = f"{'protocol':<24} {'method':<12} " + " ".join(f"{k:>7}" for k in METRIC_KEYS)
     row = (f"{results['protocol']:<24} {results['method']:<12} "
            + " ".join(f"{results['final'][k]:7.2f}" for k in METRIC_KEYS))
-    return f"{header}\n{row}\nselection: {results['selection']}"
+    lines = [header, row]
+    if "final_rerank" in results:
+        lines.append(f"{'':<24} {'+ re-rank':<12} "
+                     + " ".join(f"{results['final_rerank'][k]:7.2f}" for k in METRIC_KEYS))
+    return "\n".join(lines) + f"\nselection: {results['selection']}"

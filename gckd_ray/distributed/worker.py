@@ -27,7 +27,7 @@ from gckd_ray.distributed.adaptation import TargetFeed, gckd_epoch
 from gckd_ray.distributed.checkpointing import load_training_state, save_checkpoint
 from gckd_ray.distributed.memory import MemoryClient, get_memory_actor
 from gckd_ray.distributed.loop import log_progress, optimizer_step, to_device
-from gckd_ray.evaluate import evaluate_split
+from gckd_ray.evaluate import evaluate_split, rerank_split
 from gckd_ray.model.gckd import build_gckd
 from gckd_ray.model.retriever import build_retriever
 
@@ -121,7 +121,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(state["epoch"], cfg.train.epochs):
         losses = run_epoch(epoch)
-        metrics = evaluate_split(_unwrap(model).encoder, test_split, device)
+        metrics = evaluate_target(_unwrap(model), test_split, device, cfg)
         state = {"epoch": epoch + 1,
                  "history": state["history"] + [{"epoch": epoch + 1, **losses, **metrics}]}
         if gckd and rank == 0:
@@ -129,8 +129,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         _report(cfg, model, optimizer, scheduler, state, tokenizer_dir, rank)
         if rank == 0:
             print(f"[epoch {epoch + 1}/{cfg.train.epochs}] target {test_split.name}: "
-                  + " ".join(f"{k}={metrics[k]:.2f}" for k in ("R1", "R5", "R10", "mAP", "mINP")),
+                  + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()
+                             if not k.startswith("num_")),
                   flush=True)
+
+
+def evaluate_target(module, split: PairedSplit, device: torch.device, cfg: Config
+                    ) -> dict[str, float]:
+    """Target test metrics; with a matching head, also ``rerank_*`` (reported separately)."""
+    metrics = evaluate_split(module.encoder, split, device)
+    head = getattr(module, "matching", None)
+    if head is not None and cfg.matching.rerank_top_k > 0:
+        reranked = rerank_split(module.encoder, head, split, device, cfg.matching.rerank_top_k,
+                                cfg.matching.rerank_weight)
+        metrics.update({f"rerank_{k}": reranked[k] for k in ("R1", "R5", "R10", "mAP", "mINP")})
+    return metrics
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -23,6 +23,7 @@ from gckd_ray.model.centring import IMAGE, SOURCE, TARGET, TEXT
 from gckd_ray.model.encoders import DualEncoder
 from gckd_ray.model.graph import PropagationNet, gmp_loss, knn_edges, propagate_teacher
 from gckd_ray.model.losses import SourceLoss, cmkd_loss
+from gckd_ray.model.matching import MatchingHead, itm_loss, select_hard_negatives
 from gckd_ray.model.momentum import FrozenTeacher, ema_update, make_teacher
 
 # Source labels and target pseudo-ids share one integer space for positive masks; target
@@ -72,7 +73,14 @@ class GCKDDistiller(nn.Module):
         self.objective = source_loss
         self.propagation = (PropagationNet(student.embed_dim, cfg.graph.num_layers)
                             if cfg.graph.enabled else None)
+        self.matching = None
+        if cfg.matching.enabled:
+            widths = student.clip.config
+            self.matching = MatchingHead(widths.text_config.hidden_size,
+                                         widths.vision_config.hidden_size, cfg.matching.hidden,
+                                         cfg.matching.num_heads, cfg.matching.num_layers)
         self.gckd, self.graph_cfg, self.distill = cfg.gckd, cfg.graph, cfg.distill
+        self.hard_negatives = cfg.matching.hard_negatives
         self.weights = cfg.loss.weights
 
     @torch.no_grad()
@@ -85,13 +93,12 @@ class GCKDDistiller(nn.Module):
         target: images (Bi,3,H,W), image_rows (Bi,), input_ids/attention_mask (Bt,L),
         text_rows (Bt,) - unpaired, no ids."""
         teacher = self._teacher_features(source, target)
-        s_img = self.encoder.encode_image(source["images"], SOURCE)               # (B, D)
-        s_txt = self.encoder.encode_text(source["input_ids"], source["attention_mask"], SOURCE)
+        with_tokens = adapt and self.matching is not None
+        s_img, s_txt, s_tok = self._student(source, SOURCE, with_tokens)          # (B, D)
         losses = self.objective(s_img, s_txt, source["pids"])
         if not adapt:
             return StepOutput(losses, teacher, {})
-        g_img = self.encoder.encode_image(target["images"], TARGET)              # (Bi, D)
-        g_txt = self.encoder.encode_text(target["input_ids"], target["attention_mask"], TARGET)
+        g_img, g_txt, g_tok = self._student(target, TARGET, with_tokens)          # (Bi|Bt, D)
         student = torch.cat([s_img, s_txt, g_img, g_txt])                        # (N, D)
         teacher_nodes = torch.cat([teacher["src_image"], teacher["src_text"],
                                    teacher["tgt_image"], teacher["tgt_text"]])
@@ -99,11 +106,26 @@ class GCKDDistiller(nn.Module):
             losses["gmp"] = self.weights.gmp * self._propagate(student, teacher_nodes, memory,
                                                                len(s_img), len(g_img))
         pos_t2i, pos_i2t, stats = self._target_positives(source, target, memory)
+        if with_tokens:
+            losses["itm"] = self.weights.itm * self._itm(
+                (s_img, g_img, s_txt, g_txt), (s_tok, g_tok), source, target, memory, stats)
         if self.distill.mode == "cmkd":
             losses["cmkd"] = self.weights.cmkd * self._cmkd(
                 (s_img, g_img, s_txt, g_txt), teacher, memory, pos_t2i, pos_i2t)
         losses["loss"] = sum(v for k, v in losses.items() if k != "loss")
         return StepOutput(losses, teacher, stats)
+
+    def _student(self, batch, domain: int, with_tokens: bool):
+        """Centred student embeddings of a batch (image, text) and, for the matching head,
+        the towers' token states (image_tokens, text_tokens, text_mask) from the same forward."""
+        images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+        if not with_tokens:
+            return (self.encoder.encode_image(images, domain),
+                    self.encoder.encode_text(ids, mask, domain), None)
+        img, txt, img_tokens, txt_tokens = self.encoder.encode_with_tokens(images, ids, mask)
+        centring = self.encoder.centring
+        return (centring(img, domain, IMAGE), centring(txt, domain, TEXT),
+                (img_tokens, txt_tokens, mask))
 
     @torch.no_grad()
     def _teacher_features(self, source, target) -> dict[str, torch.Tensor]:
@@ -139,14 +161,7 @@ class GCKDDistiller(nn.Module):
     def _target_positives(self, source, target, memory):
         """Positive masks for CMKD keys [src images; tgt images; memory images] (t2i) and the
         mirror (i2t): same source id, or same memory pseudo-id on the target."""
-        device = source["pids"].device
-        img_groups = torch.full((len(target["image_rows"]),), -1, dtype=torch.long, device=device)
-        txt_groups = torch.full((len(target["text_rows"]),), -1, dtype=torch.long, device=device)
-        if memory is not None and self.gckd.use_pseudo_ids:
-            img_groups = target_groups(memory.target_image_pseudo[target["image_rows"]])
-            txt_groups = target_groups(memory.target_text_pseudo[target["text_rows"]])
-        key_img = torch.cat([source["pids"], img_groups])
-        key_txt = torch.cat([source["pids"], txt_groups])
+        key_img, key_txt = self._group_keys(source, target, memory)
         pos_t2i, pos_i2t = _same_group(key_txt, key_img), _same_group(key_img, key_txt)
         if memory is not None and self.gckd.use_memory:
             pos_t2i = torch.cat([pos_t2i, _same_group(key_txt, memory.image_groups)], 1)
@@ -155,6 +170,46 @@ class GCKDDistiller(nn.Module):
         stats = {"target_text_with_positive": float(pos_t2i[b:].any(1).float().mean()),
                  "target_image_with_positive": float(pos_i2t[b:].any(1).float().mean())}
         return pos_t2i, pos_i2t, stats
+
+    def _itm(self, students, tokens, source, target, memory, stats) -> torch.Tensor:
+        """Matching-head loss over the batch of both domains: source pairs and target pairs of
+        one pseudo-id are positives; each gets a hard negative image and text among the rows
+        that cannot be the same person (other domain, or both (pseudo-)ids known and unequal)."""
+        s_img, g_img, s_txt, g_txt = students
+        (s_itok, s_ttok, s_mask), (g_itok, g_ttok, g_mask) = tokens
+        image_tokens, text_tokens = torch.cat([s_itok, g_itok]), torch.cat([s_ttok, g_ttok])
+        text_mask = torch.cat([s_mask, g_mask])
+        with torch.no_grad():
+            b = len(s_img)
+            img_key, txt_key = self._group_keys(source, target, memory)
+            same = txt_key[:, None] == img_key[None, :]
+            known = (txt_key[:, None] >= 0) & (img_key[None, :] >= 0)
+            t_dom = torch.arange(len(txt_key), device=same.device) >= b
+            i_dom = torch.arange(len(img_key), device=same.device) >= b
+            other_domain = t_dom[:, None] != i_dom[None, :]
+            positives = same & known & ~other_domain
+            positives[:b, :b] = torch.eye(b, dtype=torch.bool, device=same.device)  # own pairs
+            pairs = positives.nonzero()[: 2 * b]  # (P, 2) [text, image]; bounded per step
+            allowed = other_domain | (known & ~same)
+            sim = torch.cat([s_txt, g_txt]) @ torch.cat([s_img, g_img]).t()
+            if not self.hard_negatives:  # ablation: a uniformly random allowed negative
+                sim = torch.rand_like(sim)
+            neg_img = select_hard_negatives(sim[pairs[:, 0]], allowed[pairs[:, 0]])
+            neg_txt = select_hard_negatives(sim.t()[pairs[:, 1]], allowed.t()[pairs[:, 1]])
+            stats["itm_target_pairs"] = float((pairs[:, 0] >= b).sum())
+        return itm_loss(self.matching, text_tokens, text_mask, image_tokens, pairs,
+                        neg_img, neg_txt)
+
+    def _group_keys(self, source, target, memory) -> tuple[torch.Tensor, torch.Tensor]:
+        """Group of each batch row in the shared space: [source pids; target pseudo-ids or -1]
+        for images and for texts."""
+        device = source["pids"].device
+        img = torch.full((len(target["image_rows"]),), -1, dtype=torch.long, device=device)
+        txt = torch.full((len(target["text_rows"]),), -1, dtype=torch.long, device=device)
+        if memory is not None and self.gckd.use_pseudo_ids:
+            img = target_groups(memory.target_image_pseudo[target["image_rows"]])
+            txt = target_groups(memory.target_text_pseudo[target["text_rows"]])
+        return torch.cat([source["pids"], img]), torch.cat([source["pids"], txt])
 
     def _cmkd(self, students, teacher, memory, pos_t2i, pos_i2t) -> torch.Tensor:
         s_img, g_img, s_txt, g_txt = students

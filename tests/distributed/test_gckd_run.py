@@ -42,5 +42,15 @@ def test_target_ids_and_pairing_never_reach_training(ray_session, tiny_config, s
                                         f"run.output_dir={tmp_path / root.name}-run"))
                for root in (plain, scrambled)]
     first, second = (r["history"] for r in results)
-    assert {"cmkd", "gmp", "itc", "id", "R1"} <= set(first[-1])
+    assert {"cmkd", "gmp", "itc", "id", "itm", "R1", "rerank_R1"} <= set(first[-1])
+    assert set(results[0]["final_rerank"]) == {"R1", "R5", "R10", "mAP", "mINP"}
     assert first == second  # identical losses, pseudo-pair counts and metrics
+
+
+def test_paired_variant_uses_each_captions_own_image(ray_session, tiny_config, tmp_path):
+    results = run_training(tiny_config(*GCKD, "data.target.paired=true",
+                                       f"run.output_dir={tmp_path / 'paired'}"))
+    adapted = results["history"][-1]
+    # every target caption meets its own image in the batch, known to the memory as one group
+    assert adapted["target_text_with_positive"] == 1.0
+    assert adapted["itm_target_pairs"] > 0

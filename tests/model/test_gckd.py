@@ -41,7 +41,7 @@ def test_losses_by_phase_and_switches():
     warm = model(source, target, _memory(), adapt=False).losses
     assert set(warm) == {"itc", "id", "loss"}
     full = model(source, target, _memory(), adapt=True)
-    assert set(full.losses) == {"itc", "id", "gmp", "cmkd", "loss"}
+    assert set(full.losses) == {"itc", "id", "gmp", "cmkd", "itm", "loss"}
     assert torch.isclose(full.losses["loss"],
                          sum(v for k, v in full.losses.items() if k != "loss"))
     assert set(full.teacher) == {"src_image", "src_text", "tgt_image", "tgt_text"}
@@ -49,6 +49,9 @@ def test_losses_by_phase_and_switches():
     assert "gmp" not in no_graph(source, target, _memory(), adapt=True).losses
     _, no_cmkd, *_ = _setup("distill.mode=none")
     assert "cmkd" not in no_cmkd(source, target, None, adapt=True).losses
+    _, no_matching, *_ = _setup("matching.enabled=false")
+    assert no_matching.matching is None
+    assert "itm" not in no_matching(source, target, _memory(), adapt=True).losses
 
 
 def test_gradients_reach_student_not_teacher_and_ema_moves_teacher():
@@ -96,3 +99,16 @@ def test_domain_centring_is_estimated_from_teacher_features_and_reaches_teacher(
     _, off, *_ = _setup("gckd.domain_centring=false")
     off(source, target, None, adapt=True)
     assert not off.encoder.centring.seen.any()
+
+
+def test_matching_head_trains_on_source_pairs_and_target_pseudo_pairs():
+    cfg, model, source, target = _setup()
+    out = model(source, target, _memory(), adapt=True)
+    # memory pseudo-id 5: target images rows 0, 2 and captions rows 1, 3 -> one group; the
+    # batch's target text rows are [3, 2, 1, 0], so captions at batch rows 0 and 2 pair with
+    # images at batch rows 0 and 2: 2 x 2 target pairs
+    assert out.stats["itm_target_pairs"] == 4
+    out.losses["itm"].backward()
+    assert all(p.grad is not None for p in model.matching.parameters())
+    _, random_negatives, *_ = _setup("matching.hard_negatives=false")
+    assert torch.isfinite(random_negatives(source, target, _memory(), adapt=True).losses["itm"])
