@@ -173,7 +173,7 @@ class RunConfig:
 
 @dataclass
 class Config:
-    method: str = "source_only"
+    method: str = "gckd"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)

@@ -7,6 +7,8 @@ import shutil
 import pytest
 
 from gckd_ray.distributed.launcher import run_training
+from gckd_ray.distributed.results import METRIC_KEYS
+from gckd_ray.evaluate import main as evaluate_main
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +47,17 @@ def test_target_ids_and_pairing_never_reach_training(ray_session, tiny_config, s
     assert {"cmkd", "gmp", "itc", "id", "itm", "R1", "rerank_R1"} <= set(first[-1])
     assert set(results[0]["final_rerank"]) == {"R1", "R5", "R10", "mAP", "mINP"}
     assert first == second  # identical losses, pseudo-pair counts and metrics
+
+
+def test_evaluate_cli_reproduces_a_gckd_run_with_its_target_centring(ray_session, tiny_config,
+                                                                     tmp_path, capsys):
+    cfg = tiny_config(*GCKD, f"run.output_dir={tmp_path / 'run'}")
+    results = run_training(cfg)
+    checkpoint = max((tmp_path / "run").glob("ray/*/checkpoint_*/state.json")).parent
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", str(checkpoint)]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: printed[k] for k in METRIC_KEYS} == pytest.approx(results["final"], abs=1e-6)
 
 
 def test_paired_variant_uses_each_captions_own_image(ray_session, tiny_config, tmp_path):

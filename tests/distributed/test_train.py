@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_two_worker_source_only_run_writes_results(ray_session, tiny_config, capsys):
-    cfg = tiny_config("train.epochs=2")
+    cfg = tiny_config("method=source_only", "train.epochs=2")
     results = run_training(cfg)
     saved = json.loads((Path(cfg.run.output_dir) / "results.json").read_text())
     assert saved == results
@@ -35,7 +35,7 @@ def test_two_worker_source_only_run_writes_results(ray_session, tiny_config, cap
 
 
 def test_resume_continues_after_the_last_epoch(ray_session, tiny_config):
-    first = run_training(tiny_config("train.epochs=1"))
-    resumed = run_training(tiny_config("train.epochs=2", "run.resume=true"))
+    first = run_training(tiny_config("method=source_only", "train.epochs=1"))
+    resumed = run_training(tiny_config("method=source_only", "train.epochs=2", "run.resume=true"))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
     assert resumed["history"][0] == first["history"][0]  # epoch 1 restored, not retrained
