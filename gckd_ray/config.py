@@ -165,6 +165,16 @@ class TrainConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """The student's DeepSpeed engine (distributed/deepspeed_config.py builds its JSON)."""
+
+    zero_stage: int = 0
+    gradient_accumulation_steps: int = 1
+    # A DeepSpeed JSON whose entries override the generated config ('' = none).
+    config_file: str = ""
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     output_dir: str = "runs/default"
@@ -182,6 +192,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     @property
@@ -192,7 +203,7 @@ class Config:
         """A copy whose non-empty path fields are absolute (for processes in other cwds)."""
         out = config_from_dict(self.to_dict())
         for key in ("run.output_dir", "data.source.root", "data.target.root",
-                    "data.synth_cache", "model.pretrained"):
+                    "data.synth_cache", "model.pretrained", "deepspeed.config_file"):
             *parents, leaf = key.split(".")
             holder = get_key(out, ".".join(parents))
             if getattr(holder, leaf):
@@ -215,6 +226,11 @@ class Config:
                     "model.patch_size", "matching.hidden", "matching.num_heads",
                     "matching.num_layers"):
             _positive(key, get_key(self, key))
+        if self.deepspeed.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage: must be one of 0, 1, 2, 3, got "
+                              f"{self.deepspeed.zero_stage}")
+        _positive("deepspeed.gradient_accumulation_steps",
+                  self.deepspeed.gradient_accumulation_steps)
         if self.matching.hidden % self.matching.num_heads:
             raise ConfigError(f"matching.hidden: must be a multiple of matching.num_heads "
                               f"({self.matching.num_heads}), got {self.matching.hidden}")
@@ -444,6 +460,10 @@ KEY_HELP: dict[str, str] = {
     "train.cpus_per_worker": "CPUs reserved per worker (also its torch threads)",
     "train.max_failures": "worker failures survived by restoring the last checkpoint",
     "train.log_every": "steps between progress lines",
+    "deepspeed.zero_stage": "ZeRO stage of the student and teacher (0: replicated, 1: optimizer "
+                            "states, 2: + gradients, 3: + parameters sharded)",
+    "deepspeed.gradient_accumulation_steps": "micro-batches per optimizer step",
+    "deepspeed.config_file": "DeepSpeed JSON overriding entries of the generated config",
     "run.seed": "seed of initialisation, sampling and augmentation",
     "run.output_dir": "results.json, checkpoints (ray/), tokenizer/ and memory/ go here",
     "run.resume": "continue the last run in run.output_dir from its latest checkpoint",

@@ -308,7 +308,14 @@ def _gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
 def _encode_rows(fn, total: int, batch_size: int) -> torch.Tensor:
     rank, world = _dist_info()
     rows = torch.arange(rank, total, world)
-    chunks = [fn(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
+    # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively in
+    # each one): a rank out of rows encodes row 0 and drops the result.
+    num_chunks = -(-(-(-total // world)) // batch_size)
+    chunks = []
+    for i in range(num_chunks):
+        part = rows[i * batch_size:(i + 1) * batch_size]
+        out = fn(part if len(part) else torch.zeros(1, dtype=torch.long))
+        chunks.append(out[:len(part)])
     local = torch.cat(chunks).float().cpu() if chunks else torch.empty(0)
     return _gather_rows(local, total)
 

@@ -15,7 +15,7 @@ from gckd_ray.config import Config
 from gckd_ray.data.datasets import PairedSplit, UnpairedStreams, UnpairedTarget
 from gckd_ray.data.transforms import normalize
 from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryClient
-from gckd_ray.distributed.loop import log_progress, optimizer_step, to_device
+from gckd_ray.distributed.loop import engine_step, log_progress, to_device
 from gckd_ray.model.gckd import MemoryView, target_groups
 from gckd_ray.model.losses import all_gather_no_grad
 
@@ -106,7 +106,7 @@ def read_memory(client: MemoryClient, actor, step: int, cfg: Config, rank: int,
     return memory_view(client.snapshot(int(number)), cfg.gckd.memory_nodes, device)
 
 
-def gckd_epoch(model, optimizer, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
+def gckd_epoch(model, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
                memory: MemoryClient, actor, augment, epoch: int, cfg: Config,
                device: torch.device, rank: int, last_refresh: list[int]) -> dict[str, float]:
     """One epoch of GCKD steps; returns the mean of each named loss and step statistic."""
@@ -125,8 +125,8 @@ def gckd_epoch(model, optimizer, scheduler, split: PairedSplit, sampler, feed: T
         src["images"] = normalize(augment(src["images"]))
         tgt = feed.batch(image_rows, text_rows, augment, device)
         out = model(src, tgt, view, adapt)
-        optimizer_step(model, optimizer, scheduler, out.losses["loss"], cfg.train.grad_clip)
-        inner.ema_step()
+        if engine_step(model, out.losses["loss"]):
+            inner.ema_step()
         push_teacher(pusher, out.teacher, split, idx, tgt)
         for name, value in {**out.losses, **out.stats}.items():
             sums[name] = sums.get(name, 0.0) + float(value)

@@ -1,15 +1,20 @@
-"""Checkpoint directories: model/optimizer state, trainer state, config and tokenizer.
+"""Checkpoint directories of a DeepSpeed-trained run: full model, per-rank optimizer (and ZeRO-3
+parameter) partitions, LR schedule, trainer state, config and tokenizer.
 
-Layout of one checkpoint directory::
+Layout of one checkpoint directory (Ray Train merges the ranks' folders into it)::
 
-    model.pt        state dict of the unwrapped model (loaded with weights_only=True)
-    optimizer.pt    optimizer + LR-scheduler state (weights_only=True)
-    state.json      epoch, global step, metric history
+    model.pt        full state dict of the model (student, teacher, heads; gathered under
+                    ZeRO-3): what evaluation and the search CLI read
+    rank000.pt ...  per rank: its optimizer state dict and, under ZeRO-3, its partition of
+                    every parameter (resume restores exactly these)
+    scheduler.pt    LR-scheduler state
+    state.json      epoch, metric history, world size and ZeRO stage
     config.yaml     the full run config
     tokenizer/      the tokenizer the model was trained with
 
-Files are written to a temporary name and renamed, so an interrupted write never leaves a file
-that looks complete.
+Every torch load is ``weights_only=True``; ZeRO optimizer states hold three small DeepSpeed
+classes, which are allow-listed by name for those loads only. Files are written to a temporary
+name and renamed, so an interrupted write never leaves a file that looks complete.
 """
 
 from __future__ import annotations
@@ -40,18 +45,46 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(directory: str | Path, *, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: Any, state: dict[str, Any],
-                    cfg: Config, tokenizer_dir: str | Path) -> None:
+def _zero_stage(engine) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on CPU; under ZeRO-3 a collective (every rank calls it)."""
+    module = engine.module
+    if _zero_stage(engine) < 3:
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _shard_state(engine) -> dict[str, Any]:
+    shard: dict[str, Any] = {"optimizer": engine.optimizer.state_dict()}
+    if _zero_stage(engine) == 3:
+        shard["partitions"] = {name: p.ds_tensor.detach().cpu().clone()
+                               for name, p in engine.module.named_parameters()}
+    return shard
+
+
+def save_checkpoint(directory: str | Path, *, engine, scheduler: Any, state: dict[str, Any],
+                    cfg: Config, tokenizer_dir: str | Path, rank: int) -> None:
+    """Write this rank's part of a checkpoint into ``directory`` (every rank calls it)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(model.state_dict(), directory / "model.pt")
-    atomic_torch_save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                      directory / "optimizer.pt")
+    full = full_state_dict(engine)
+    atomic_torch_save(_shard_state(engine), directory / f"rank{rank:03d}.pt")
+    if rank != 0:
+        return
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    atomic_torch_save(full, directory / "model.pt")
+    atomic_torch_save(scheduler.state_dict(), directory / "scheduler.pt")
     save_config(cfg, directory / "config.yaml")
     shutil.copytree(tokenizer_dir, directory / "tokenizer", dirs_exist_ok=True)
     # state.json last: its presence marks the directory complete.
-    atomic_write_text(directory / "state.json", json.dumps(state, indent=1))
+    meta = {**state, "world_size": world, "zero_stage": _zero_stage(engine)}
+    atomic_write_text(directory / "state.json", json.dumps(meta, indent=1))
 
 
 def _require(directory: Path, name: str) -> Path:
@@ -73,13 +106,46 @@ def load_model_state(directory: str | Path) -> dict[str, torch.Tensor]:
                       weights_only=True)
 
 
-def load_training_state(directory: str | Path, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restore model, optimizer and scheduler in place; return the trainer state."""
+def _load_shard(path: Path) -> dict[str, Any]:
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_training_state(directory: str | Path, engine, scheduler: Any, rank: int,
+                        world: int) -> dict[str, Any]:
+    """Restore model, optimizer (this rank's partition) and LR schedule in place; return the
+    trainer state. The run must have the world size and ZeRO stage it was saved with."""
     directory = Path(directory)
     state = json.loads(_require(directory, "state.json").read_text())
-    model.load_state_dict(load_model_state(directory))
-    opt = torch.load(_require(directory, "optimizer.pt"), map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    return state
+    stage = _zero_stage(engine)
+    saved = (state.get("world_size"), state.get("zero_stage"))
+    if saved != (world, stage):
+        raise ValueError(f"{directory}: saved with {saved[0]} workers at ZeRO stage {saved[1]}; "
+                         f"this run has {world} workers at stage {stage}: resume with the same "
+                         "train.num_workers and deepspeed.zero_stage")
+    # ZeRO-1/2 optimizers rebuild their partition from every rank's saved state.
+    ranks = range(world) if stage in (1, 2) else [rank]
+    shards = {r: _load_shard(_require(directory, f"rank{r:03d}.pt")) for r in ranks}
+    full = load_model_state(directory)
+    module = engine.module
+    if stage == 3:
+        with torch.no_grad():
+            for name, param in module.named_parameters():
+                param.ds_tensor.copy_(shards[rank]["partitions"][name])
+            for name, buf in module.named_buffers():
+                buf.copy_(full[name])
+    else:
+        module.load_state_dict(full)
+    if stage == 0:
+        engine.optimizer.load_state_dict(shards[rank]["optimizer"])
+    else:
+        per_rank = [shards[r]["optimizer"] if r in shards else {} for r in range(world)]
+        engine.optimizer.load_state_dict(per_rank, load_optimizer_states=True,
+                                         load_from_fp32_weights=True)
+    scheduler.load_state_dict(torch.load(_require(directory, "scheduler.pt"),
+                                         map_location="cpu", weights_only=True))
+    return {k: state[k] for k in ("epoch", "history")}

@@ -11,15 +11,17 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                   loss: torch.Tensor, grad_clip: float) -> None:
-    """Backward, optional global-norm clipping, optimizer and LR-scheduler step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    scheduler.step()
+def engine_step(engine, loss: torch.Tensor) -> bool:
+    """Backward through the DeepSpeed engine, then ``engine.step()``: at a gradient-accumulation
+    boundary it clips, steps the optimizer and the LR schedule and zeroes the gradients.
+
+    Returns:
+        whether the optimizer stepped (the EMA teacher follows only those steps).
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.backward(loss)
+    engine.step()
+    return boundary
 
 
 def log_progress(epoch: int, epochs: int, step: int, steps: int, sums: dict[str, float],

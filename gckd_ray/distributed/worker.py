@@ -1,7 +1,8 @@
 """``train_loop_per_worker``: what every Ray Train worker runs.
 
-Reads like single-process PyTorch: Ray appears only in ``get_context``, ``prepare_model``,
-``get_checkpoint`` and ``report``. One epoch = identity-balanced passes over the labelled
+Reads like single-process PyTorch: Ray appears only in ``get_context``, ``get_checkpoint`` and
+``report``; the model is a DeepSpeed engine (ZeRO stage from ``deepspeed.zero_stage``) in the
+process group Ray Train created. One epoch = identity-balanced passes over the labelled
 split; after each epoch the target test split is encoded (sharded over workers, gathered),
 scored, and a checkpoint (carrying the metric history) is reported.
 """
@@ -25,8 +26,9 @@ from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.data.transforms import TrainAugment, normalize
 from gckd_ray.distributed.adaptation import TargetFeed, gckd_epoch
 from gckd_ray.distributed.checkpointing import load_training_state, save_checkpoint
+from gckd_ray.distributed.deepspeed_config import build_engine
 from gckd_ray.distributed.memory import MemoryClient, get_memory_actor
-from gckd_ray.distributed.loop import log_progress, optimizer_step, to_device
+from gckd_ray.distributed.loop import engine_step, log_progress, to_device
 from gckd_ray.evaluate import evaluate_split, rerank_split
 from gckd_ray.model.gckd import build_gckd
 from gckd_ray.model.retriever import build_retriever
@@ -38,6 +40,7 @@ def _labelled_domain(cfg: Config) -> DomainConfig:
 
 
 def _lr_lambda(cfg: Config, steps_per_epoch: int):
+    steps_per_epoch = max(1, steps_per_epoch // cfg.deepspeed.gradient_accumulation_steps)
     warmup = max(1, int(cfg.train.warmup_epochs * steps_per_epoch))
     total = max(warmup + 1, cfg.train.epochs * steps_per_epoch)
 
@@ -48,7 +51,7 @@ def _lr_lambda(cfg: Config, steps_per_epoch: int):
     return factor
 
 
-def train_epoch(model, optimizer, scheduler, split: PairedSplit, sampler, augment, epoch: int,
+def train_epoch(model, scheduler, split: PairedSplit, sampler, augment, epoch: int,
                 cfg: Config, device: torch.device, log: bool) -> dict[str, float]:
     """One pass of identity-balanced batches; returns mean of each named loss."""
     model.train()
@@ -59,7 +62,7 @@ def train_epoch(model, optimizer, scheduler, split: PairedSplit, sampler, augmen
         batch = to_device(split.batch(idx), device)
         images = normalize(augment(batch.pop("images")))
         losses = model(images, **batch)
-        optimizer_step(model, optimizer, scheduler, losses["loss"], cfg.train.grad_clip)
+        engine_step(model, losses["loss"])
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.item()
         if log and (step + 1) % cfg.train.log_every == 0:
@@ -85,18 +88,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)  # identical init on every rank
     gckd = cfg.method == "gckd"
     module = (build_gckd if gckd else build_retriever)(cfg, tokenizer, train_split.num_ids)
-    # Adaptation losses switch on after warm-up: until then the propagation net gets no grad.
-    model = ray.train.torch.prepare_model(
-        module, parallel_strategy_kwargs={"find_unused_parameters": gckd})
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                  lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _lr_lambda(cfg, sampler.steps_per_epoch))
+    model, scheduler = build_engine(module.to(device), cfg,
+                                    _lr_lambda(cfg, sampler.steps_per_epoch),
+                                    on_gpu=cfg.train.use_gpu)
     state: dict[str, Any] = {"epoch": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            state = load_training_state(ckpt_dir, _unwrap(model), optimizer, scheduler)
+            state = load_training_state(ckpt_dir, model, scheduler, rank, world)
         if rank == 0:
             print(f"resumed from checkpoint after epoch {state['epoch']}", flush=True)
 
@@ -112,11 +111,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last_refresh = [0]  # global step of the last pseudo-id refresh
 
         def run_epoch(epoch: int) -> dict[str, float]:
-            return gckd_epoch(model, optimizer, scheduler, train_split, sampler, feed, memory,
+            return gckd_epoch(model, scheduler, train_split, sampler, feed, memory,
                               actor, augment, epoch, cfg, device, rank, last_refresh)
     else:
         def run_epoch(epoch: int) -> dict[str, float]:
-            return train_epoch(model, optimizer, scheduler, train_split, sampler, augment,
+            return train_epoch(model, scheduler, train_split, sampler, augment,
                                epoch, cfg, device, log=rank == 0)
 
     for epoch in range(state["epoch"], cfg.train.epochs):
@@ -126,7 +125,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                  "history": state["history"] + [{"epoch": epoch + 1, **losses, **metrics}]}
         if gckd and rank == 0:
             ray.get(actor.autosave.remote())  # the memory restarts from here if its actor dies
-        _report(cfg, model, optimizer, scheduler, state, tokenizer_dir, rank)
+        _report(cfg, model, scheduler, state, tokenizer_dir, rank)
         if rank == 0:
             print(f"[epoch {epoch + 1}/{cfg.train.epochs}] target {test_split.name}: "
                   + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()
@@ -150,12 +149,11 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def _report(cfg, model, optimizer, scheduler, state, tokenizer_dir, rank) -> None:
+def _report(cfg, engine, scheduler, state, tokenizer_dir, rank) -> None:
+    """Every rank writes its part (optimizer partition; ZeRO-3 parameter partition) into its
+    own folder; Ray Train merges the ranks' folders into one checkpoint."""
     metrics = dict(state["history"][-1])
-    if rank != 0:
-        ray.train.report(metrics)
-        return
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(Path(tmp), model=_unwrap(model), optimizer=optimizer,
-                        scheduler=scheduler, state=state, cfg=cfg, tokenizer_dir=tokenizer_dir)
+        save_checkpoint(Path(tmp), engine=engine, scheduler=scheduler, state=state, cfg=cfg,
+                        tokenizer_dir=tokenizer_dir, rank=rank)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -109,7 +109,9 @@ class DualEncoder(nn.Module):
         self.text_length = text_length
         self.image_size = tuple(image_size)
         self.embed_dim = clip.config.projection_dim
-        clip.logit_scale.requires_grad_(False)
+        # Unused here (losses own their temperatures) and frozen; 1-D because DeepSpeed's
+        # parameter broadcast views every parameter as bytes, which a 0-D tensor cannot be.
+        clip.logit_scale = nn.Parameter(clip.logit_scale.detach().reshape(1), requires_grad=False)
         vision = clip.vision_model
         vision.embeddings = GridVisionEmbeddings(vision.embeddings, self.image_size)
         self.centring = DomainCentring(self.embed_dim)

@@ -1,0 +1,92 @@
+"""The DeepSpeed JSON of a run, generated from the project's config, and the student's engine.
+
+The generated config is the single source of truth for batch size, accumulation, clipping,
+ZeRO stage and precision; ``deepspeed.config_file`` may override any of its entries (merged
+key by key). ZeRO-3 keeps ``stage3_param_persistence_threshold: 0`` so every parameter is
+partitioned: the EMA teacher is then updated shard-locally (model/momentum.py), which matches a
+full-parameter EMA only when no parameter is kept whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gckd_ray.config import Config, ConfigError
+
+# Never print DeepSpeed's per-step lines; progress comes from the project's own log.
+_QUIET_STEPS = 10**9
+
+
+def generated_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
+    """DeepSpeed's JSON for this run (before the user's overrides)."""
+    zero: dict[str, Any] = {"stage": cfg.deepspeed.zero_stage}
+    if cfg.deepspeed.zero_stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": cfg.deepspeed.gradient_accumulation_steps,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": use_bf16},
+        # The optimizer is torch's AdamW: DeepSpeed's own CPU Adam would JIT-compile (30-40 s).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": _QUIET_STEPS,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = (_merge(out[key], value) if isinstance(value, dict)
+                    and isinstance(out.get(key), dict) else value)
+    return out
+
+
+def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
+    """The generated config merged with ``deepspeed.config_file`` (if set).
+
+    Raises:
+        ConfigError: the file is missing, not JSON, or not a JSON object.
+    """
+    config = generated_config(cfg, use_bf16)
+    if not cfg.deepspeed.config_file:
+        return config
+    path = Path(cfg.deepspeed.config_file)
+    try:
+        user = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"deepspeed.config_file: {path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"deepspeed.config_file: {path}: line {err.lineno}, column "
+                          f"{err.colno}: {err.msg}") from None
+    if not isinstance(user, dict):
+        raise ConfigError(f"deepspeed.config_file: {path}: expected a JSON object, got "
+                          f"{type(user).__name__}")
+    return _merge(config, user)
+
+
+def build_engine(module: torch.nn.Module, cfg: Config, lr_lambda, on_gpu: bool):
+    """The student's engine inside the process group Ray Train created (``on_gpu``: bf16
+    weights on CUDA; else fp32 on CPU).
+
+    Returns:
+        (engine, scheduler): the engine steps the optimizer, clips and steps the scheduler in
+        ``engine.step()``; ``engine.module`` is ``module``.
+    """
+    # DeepSpeed picks its accelerator once, at first use; a CPU worker must say so (DESIGN §7).
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
+    import deepspeed
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(cfg, use_bf16=on_gpu), dist_init_required=False)
+    return engine, scheduler
