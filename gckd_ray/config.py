@@ -179,6 +179,9 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs/default"
     resume: bool = False
+    # Stop (cleanly, after its checkpoint) once this many epochs ran in this invocation; 0 = run
+    # to train.epochs. For time-limited allocations: continue later with run.resume=true.
+    stop_after_epochs: int = 0
 
 
 @dataclass
@@ -247,7 +250,7 @@ class Config:
         for key in ("train.lr", "train.cpus_per_worker", "data.synth_scale", "loss.sdm_temperature",
                     "loss.itc_temperature"):
             _positive(key, get_key(self, key))
-        for key in ("train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.max_failures",
+        for key in ("run.stop_after_epochs", "train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.max_failures",
                     "loss.weights.sdm", "loss.weights.itc", "loss.weights.id",
                     "loss.weights.cmkd", "loss.weights.gmp", "loss.weights.itm",
                     "matching.rerank_top_k", "matching.rerank_weight"):
@@ -464,6 +467,8 @@ KEY_HELP: dict[str, str] = {
                             "states, 2: + gradients, 3: + parameters sharded)",
     "deepspeed.gradient_accumulation_steps": "micro-batches per optimizer step",
     "deepspeed.config_file": "DeepSpeed JSON overriding entries of the generated config",
+    "run.stop_after_epochs": "stop after this many epochs of this invocation, checkpointed "
+                             "(0 = run all); continue with run.resume=true",
     "run.seed": "seed of initialisation, sampling and augmentation",
     "run.output_dir": "results.json, checkpoints (ray/), tokenizer/ and memory/ go here",
     "run.resume": "continue the last run in run.output_dir from its latest checkpoint",

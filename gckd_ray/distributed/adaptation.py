@@ -88,27 +88,41 @@ def push_teacher(client: MemoryClient | None, teacher: dict[str, torch.Tensor],
             client.push(modality, feats, domain, labels, rows)
 
 
-def read_memory(client: MemoryClient, actor, step: int, cfg: Config, rank: int,
-                device: torch.device, last_refresh: list[int]) -> MemoryView | None:
-    """Rank 0 refreshes pseudo-ids when due and publishes a snapshot; every rank reads that
-    publication (its number is broadcast), so all ranks see identical memory."""
+def read_memory(client: MemoryClient, actor, refresh: bool, cfg: Config, rank: int,
+                device: torch.device) -> MemoryView | None:
+    """Rank 0 refreshes pseudo-ids when ``refresh`` and publishes a snapshot; every rank reads
+    that publication (its number is broadcast), so all ranks see identical memory."""
     import ray
 
     number = torch.zeros(1, dtype=torch.long)
     if rank == 0:
         client.flush()
-        if step - last_refresh[0] >= cfg.gckd.pseudo_every:
+        if refresh:
             actor.refresh_pseudo_ids.remote()  # ordered before publish: same caller
-            last_refresh[0] = step
         number[0] = ray.get(actor.publish.remote())
     if torch.distributed.is_initialized():
         torch.distributed.broadcast(number, src=0)
     return memory_view(client.snapshot(int(number)), cfg.gckd.memory_nodes, device)
 
 
+def refresh_due(epoch: int, step: int, steps: int, cfg: Config) -> bool:
+    """Whether the memory read at (epoch, step) refreshes pseudo-ids: it does when a multiple of
+    ``gckd.pseudo_every`` global steps lies after the previous read and up to this one. A pure
+    function of the schedule, so a resumed run refreshes exactly when an uninterrupted one does."""
+    snap, every = cfg.gckd.snapshot_every, cfg.gckd.pseudo_every
+    now = epoch * steps + step
+    if step >= snap:
+        previous = now - snap
+    elif epoch > 0:
+        previous = (epoch - 1) * steps + ((steps - 1) // snap) * snap
+    else:
+        return False  # the very first read: the memory is still empty
+    return now // every > previous // every
+
+
 def gckd_epoch(model, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
                memory: MemoryClient, actor, augment, epoch: int, cfg: Config,
-               device: torch.device, rank: int, last_refresh: list[int]) -> dict[str, float]:
+               device: torch.device, rank: int) -> dict[str, float]:
     """One epoch of GCKD steps; returns the mean of each named loss and step statistic."""
     model.train()
     inner = getattr(model, "module", model)
@@ -118,9 +132,9 @@ def gckd_epoch(model, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
     view, sums, start = None, {}, time.perf_counter()
     pusher = memory if rank == 0 else None
     for step, (idx, (image_rows, text_rows)) in enumerate(zip(batches, targets)):
-        global_step = epoch * len(batches) + step
         if step % cfg.gckd.snapshot_every == 0:
-            view = read_memory(memory, actor, global_step, cfg, rank, device, last_refresh)
+            view = read_memory(memory, actor, refresh_due(epoch, step, len(batches), cfg), cfg,
+                               rank, device)
         src = to_device(split.batch(idx), device)
         src["images"] = normalize(augment(src["images"]))
         tgt = feed.batch(image_rows, text_rows, augment, device)

@@ -5,8 +5,9 @@ Layout of one checkpoint directory (Ray Train merges the ranks' folders into it)
 
     model.pt        full state dict of the model (student, teacher, heads; gathered under
                     ZeRO-3): what evaluation and the search CLI read
-    rank000.pt ...  per rank: its optimizer state dict and, under ZeRO-3, its partition of
-                    every parameter (resume restores exactly these)
+    rank000.pt ...  per rank: its optimizer state dict, its RNG states (torch, augmentation)
+                    and, under ZeRO-3, its partition of every parameter
+    memory.npz      the GCKD memory's queues, target tables and pseudo-ids (numpy, no pickle)
     scheduler.pt    LR-scheduler state
     state.json      epoch, metric history, world size and ZeRO stage
     config.yaml     the full run config
@@ -25,6 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -60,8 +62,8 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def _shard_state(engine) -> dict[str, Any]:
-    shard: dict[str, Any] = {"optimizer": engine.optimizer.state_dict()}
+def _shard_state(engine, extras: dict[str, Any]) -> dict[str, Any]:
+    shard: dict[str, Any] = {"optimizer": engine.optimizer.state_dict(), "extras": extras}
     if _zero_stage(engine) == 3:
         shard["partitions"] = {name: p.ds_tensor.detach().cpu().clone()
                                for name, p in engine.module.named_parameters()}
@@ -69,14 +71,23 @@ def _shard_state(engine) -> dict[str, Any]:
 
 
 def save_checkpoint(directory: str | Path, *, engine, scheduler: Any, state: dict[str, Any],
-                    cfg: Config, tokenizer_dir: str | Path, rank: int) -> None:
-    """Write this rank's part of a checkpoint into ``directory`` (every rank calls it)."""
+                    cfg: Config, tokenizer_dir: str | Path, rank: int,
+                    extras: dict[str, Any], memory: dict[str, np.ndarray] | None) -> None:
+    """Write this rank's part of a checkpoint into ``directory`` (every rank calls it).
+
+    ``extras``: this rank's tensors to restore on resume (RNG states); ``memory``: the GCKD
+    memory's state (rank 0), or None."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     full = full_state_dict(engine)
-    atomic_torch_save(_shard_state(engine), directory / f"rank{rank:03d}.pt")
+    atomic_torch_save(_shard_state(engine, extras), directory / f"rank{rank:03d}.pt")
     if rank != 0:
         return
+    if memory is not None:
+        tmp = directory / "memory.npz.tmp"
+        with open(tmp, "wb") as f:
+            np.savez(f, **memory)
+        os.replace(tmp, directory / "memory.npz")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     atomic_torch_save(full, directory / "model.pt")
     atomic_torch_save(scheduler.state_dict(), directory / "scheduler.pt")
@@ -115,10 +126,20 @@ def _load_shard(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_memory_state(directory: str | Path) -> dict[str, np.ndarray] | None:
+    """The GCKD memory state a checkpoint holds (numpy, ``allow_pickle=False``), or None."""
+    path = Path(directory) / "memory.npz"
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
 def load_training_state(directory: str | Path, engine, scheduler: Any, rank: int,
-                        world: int) -> dict[str, Any]:
+                        world: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model, optimizer (this rank's partition) and LR schedule in place; return the
-    trainer state. The run must have the world size and ZeRO stage it was saved with."""
+    trainer state and this rank's ``extras``. The run must have the world size and ZeRO stage
+    it was saved with."""
     directory = Path(directory)
     state = json.loads(_require(directory, "state.json").read_text())
     stage = _zero_stage(engine)
@@ -137,7 +158,8 @@ def load_training_state(directory: str | Path, engine, scheduler: Any, rank: int
             for name, param in module.named_parameters():
                 param.ds_tensor.copy_(shards[rank]["partitions"][name])
             for name, buf in module.named_buffers():
-                buf.copy_(full[name])
+                if name in full:  # non-persistent buffers (e.g. position ids) are not saved
+                    buf.copy_(full[name])
     else:
         module.load_state_dict(full)
     if stage == 0:
@@ -148,4 +170,4 @@ def load_training_state(directory: str | Path, engine, scheduler: Any, rank: int
                                          load_from_fp32_weights=True)
     scheduler.load_state_dict(torch.load(_require(directory, "scheduler.pt"),
                                          map_location="cpu", weights_only=True))
-    return {k: state[k] for k in ("epoch", "history")}
+    return {k: state[k] for k in ("epoch", "history")}, shards[rank]["extras"]

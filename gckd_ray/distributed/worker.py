@@ -25,7 +25,8 @@ from gckd_ray.data.datasets import (IdentityBalancedSampler, PairedSplit, build_
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.data.transforms import TrainAugment, normalize
 from gckd_ray.distributed.adaptation import TargetFeed, gckd_epoch
-from gckd_ray.distributed.checkpointing import load_training_state, save_checkpoint
+from gckd_ray.distributed.checkpointing import (load_memory_state, load_training_state,
+                                               save_checkpoint)
 from gckd_ray.distributed.deepspeed_config import build_engine
 from gckd_ray.distributed.memory import MemoryClient, get_memory_actor
 from gckd_ray.distributed.loop import engine_step, log_progress, to_device
@@ -91,46 +92,59 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model, scheduler = build_engine(module.to(device), cfg,
                                     _lr_lambda(cfg, sampler.steps_per_epoch),
                                     on_gpu=cfg.train.use_gpu)
+    augment = TrainAugment(seed=cfg.run.seed * 7919 + rank)
+    actor = get_memory_actor(loop_config["memory_actor"]) if gckd else None
     state: dict[str, Any] = {"epoch": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            state = load_training_state(ckpt_dir, model, scheduler, rank, world)
+            state, extras = load_training_state(ckpt_dir, model, scheduler, rank, world)
+            memory_state = load_memory_state(ckpt_dir) if rank == 0 and gckd else None
+        torch.set_rng_state(extras["torch_rng"])
+        augment.load_state_dict({"generator": extras["augment_rng"]})
+        if memory_state is not None:  # the memory as it was at this checkpoint
+            ray.get(actor.load_state_dict.remote(memory_state))
         if rank == 0:
             print(f"resumed from checkpoint after epoch {state['epoch']}", flush=True)
 
-    augment = TrainAugment(seed=cfg.run.seed * 7919 + rank)
     if gckd:
         feed = TargetFeed(build_unpaired(load_records(cfg, cfg.data.target, "train"), tokenizer,
                                          cfg.data.text_length,
                                          (cfg.data.image_height, cfg.data.image_width),
                                          cfg.data.cache_images, cfg.data.target.paired),
                           cfg, rank, world)
-        actor = get_memory_actor(loop_config["memory_actor"])
         memory = MemoryClient(actor)
-        last_refresh = [0]  # global step of the last pseudo-id refresh
 
         def run_epoch(epoch: int) -> dict[str, float]:
             return gckd_epoch(model, scheduler, train_split, sampler, feed, memory,
-                              actor, augment, epoch, cfg, device, rank, last_refresh)
+                              actor, augment, epoch, cfg, device, rank)
     else:
         def run_epoch(epoch: int) -> dict[str, float]:
             return train_epoch(model, scheduler, train_split, sampler, augment,
                                epoch, cfg, device, log=rank == 0)
 
-    for epoch in range(state["epoch"], cfg.train.epochs):
+    first_epoch = state["epoch"]
+    for epoch in range(first_epoch, cfg.train.epochs):
         losses = run_epoch(epoch)
         metrics = evaluate_target(_unwrap(model), test_split, device, cfg)
         state = {"epoch": epoch + 1,
                  "history": state["history"] + [{"epoch": epoch + 1, **losses, **metrics}]}
         if gckd and rank == 0:
             ray.get(actor.autosave.remote())  # the memory restarts from here if its actor dies
-        _report(cfg, model, scheduler, state, tokenizer_dir, rank)
+        extras = {"torch_rng": torch.get_rng_state(),
+                  "augment_rng": augment.state_dict()["generator"]}
+        memory_state = ray.get(actor.state_dict.remote()) if gckd and rank == 0 else None
+        _report(cfg, model, scheduler, state, tokenizer_dir, rank, extras, memory_state)
         if rank == 0:
             print(f"[epoch {epoch + 1}/{cfg.train.epochs}] target {test_split.name}: "
                   + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()
                              if not k.startswith("num_")),
                   flush=True)
+        if cfg.run.stop_after_epochs and epoch + 1 - first_epoch >= cfg.run.stop_after_epochs:
+            if rank == 0:
+                print(f"stopping after {cfg.run.stop_after_epochs} epoch(s) as configured; "
+                      "continue with run.resume=true", flush=True)
+            break
 
 
 def evaluate_target(module, split: PairedSplit, device: torch.device, cfg: Config
@@ -149,11 +163,12 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def _report(cfg, engine, scheduler, state, tokenizer_dir, rank) -> None:
+def _report(cfg, engine, scheduler, state, tokenizer_dir, rank, extras, memory_state) -> None:
     """Every rank writes its part (optimizer partition; ZeRO-3 parameter partition) into its
     own folder; Ray Train merges the ranks' folders into one checkpoint."""
     metrics = dict(state["history"][-1])
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), engine=engine, scheduler=scheduler, state=state, cfg=cfg,
-                        tokenizer_dir=tokenizer_dir, rank=rank)
+                        tokenizer_dir=tokenizer_dir, rank=rank, extras=extras,
+                        memory=memory_state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
