@@ -1,0 +1,79 @@
+"""The cluster path on one machine: ``ray start --head`` on free loopback ports, then
+``ray job submit --working-dir . -- python -m gckd_ray.train ...`` as the README shows it.
+
+Only the Ray processes this test starts are stopped (the PID of ``ray start --block``).
+"""
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray_cli() -> str:
+    return str(Path(sys.executable).with_name("ray"))
+
+
+def test_ray_job_submit_runs_training_on_a_local_cluster(synth_cache, tmp_path):
+    port, dashboard = _free_port(), _free_port()
+    # Loopback only; token auth on, with one token shared by the cluster and the CLI (§8).
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
+    # Ray's unix sockets live under --temp-dir: pytest's long tmp paths exceed the socket limit.
+    short_tmp = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")
+    head = subprocess.Popen(
+        [_ray_cli(), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard}", f"--temp-dir={short_tmp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out = tmp_path / "job-run"
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        _wait_for_dashboard(address, env)
+        submit = subprocess.run(
+            [_ray_cli(), "job", "submit", f"--address={address}", "--working-dir", str(REPO),
+             "--", sys.executable, "-m", "gckd_ray.train", "method=source_only",
+             "train.epochs=1", "train.batch_size=16", "model.hidden_size=32",
+             "model.embed_dim=32", "model.num_layers=1", "model.num_heads=2",
+             f"data.synth_cache={synth_cache}", "data.synth_scale=0.1",
+             f"run.output_dir={out}"],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout
+        results = json.loads((out / "results.json").read_text())
+        assert results["method"] == "source_only" and len(results["history"]) == 1
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops its cluster on SIGTERM
+        head.wait(timeout=180)
+        shutil.rmtree(short_tmp, ignore_errors=True)
+
+
+def _wait_for_dashboard(address: str, env: dict, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        probe = subprocess.run([_ray_cli(), "job", "list", f"--address={address}"],
+                               env=env, capture_output=True, text=True)
+        if probe.returncode == 0:
+            return
+        time.sleep(2)
+    raise AssertionError(f"no Ray job server at {address}: {probe.stderr[-2000:]}")
