@@ -123,3 +123,12 @@ def test_stop_and_resume_continues_exactly(ray_session, tiny_config, tmp_path):
     assert {"cmkd", "gmp", "itm"} <= set(expected)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_zero_memory_benchmark_smoke():
+    from benchmarks import zero_memory
+
+    result = zero_memory.main(["--smoke"])
+    ratios = result["ratio_to_zero0"]
+    assert ratios[0] == 1.0 and ratios[2] < 1.0  # ZeRO-2 shards gradients and Adam states
+    assert set(result["mib_per_worker"]) == {0, 2, 3}
