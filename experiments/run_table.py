@@ -62,16 +62,26 @@ def summarise(rows: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, f
             for v, runs in rows.items()}
 
 
+def _target_setting(variant: str) -> str:
+    overrides = VARIANTS[variant]
+    if "method=oracle" in overrides:
+        return "labelled (upper bound)"
+    if "method=source_only" in overrides:
+        return "not used"
+    return "paired, no ids" if "data.target.paired=true" in overrides else "unpaired, no ids"
+
+
 def markdown(summary, rows, extra: list[str]) -> str:
     selection = next(iter(rows.values()))[0]["selection"]
     protocol = next(iter(rows.values()))[0]["protocol"]
     lines = [f"Protocol `{protocol}`, {len(next(iter(rows.values())))} seeds, mean ± std of the "
              f"final model; selection: {selection}.",
              f"Overrides: `{' '.join(extra) or '(none)'}`.", "",
-             "| variant | " + " | ".join(METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
+             "| variant | target training data | " + " | ".join(METRICS) + " |",
+             "|---" * (len(METRICS) + 2) + "|"]
     for variant, stats in summary.items():
         cells = " | ".join(f"{mean:.2f} ± {std:.2f}" for mean, std in stats.values())
-        lines.append(f"| {variant} | {cells} |")
+        lines.append(f"| {variant} | {_target_setting(variant)} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 from pathlib import Path
 
 import torch
@@ -38,3 +39,10 @@ def softmax(row: list[float]) -> list[float]:
     m = max(row)
     e = [math.exp(v - m) for v in row]
     return [v / sum(e) for v in e]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

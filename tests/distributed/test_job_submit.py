@@ -9,7 +9,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,15 +17,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import free_port
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ray_cli() -> str:
@@ -34,7 +29,7 @@ def _ray_cli() -> str:
 
 
 def test_ray_job_submit_runs_training_on_a_local_cluster(synth_cache, tmp_path):
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard = free_port(), free_port()
     # Loopback only; token auth on, with one token shared by the cluster and the CLI (§8).
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
            "RAY_AUTH_TOKEN": secrets.token_hex(32)}

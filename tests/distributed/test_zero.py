@@ -6,13 +6,13 @@ matching head) through Ray Train with 2 CPU workers (gloo, fp32) at ZeRO-0, 2 an
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from gckd_ray.distributed.launcher import run_training
+from helpers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -42,12 +42,6 @@ def test_zero_2_and_3_match_zero_0(ray_session, tiny_config, tmp_path):
             assert got[key] == pytest.approx(reference[key], rel=5e-4), (stage, key)
     zero2, zero3 = (_losses(runs[s]["history"]) for s in (2, 3))
     assert all(zero3[k] == pytest.approx(zero2[k], rel=1e-5) for k in ("loss", "cmkd", "gmp"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ema_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -95,7 +89,7 @@ def _ema_worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_zero3_shard_local_ema_equals_full_parameter_ema(tmp_path):
     out = tmp_path / "ema.json"
-    mp.start_processes(_ema_worker, args=(2, _free_port(), str(out)), nprocs=2,
+    mp.start_processes(_ema_worker, args=(2, free_port(), str(out)), nprocs=2,
                        start_method="spawn")
     result = json.loads(out.read_text())
     assert result["partitioned"] and result["count"] > 10
