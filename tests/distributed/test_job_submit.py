@@ -45,14 +45,18 @@ def test_ray_job_submit_runs_training_on_a_local_cluster(synth_cache, tmp_path):
     try:
         address = f"http://127.0.0.1:{dashboard}"
         _wait_for_dashboard(address, env)
-        submit = subprocess.run(
-            [_ray_cli(), "job", "submit", f"--address={address}", "--working-dir", str(REPO),
-             "--", sys.executable, "-m", "gckd_ray.train", "method=source_only",
-             "train.epochs=1", "train.batch_size=16", "model.hidden_size=32",
-             "model.embed_dim=32", "model.num_layers=1", "model.num_heads=2",
-             f"data.synth_cache={synth_cache}", "data.synth_scale=0.1",
-             f"run.output_dir={out}"],
-            env=env, capture_output=True, text=True, timeout=600)
+        command = [_ray_cli(), "job", "submit", f"--address={address}", "--working-dir",
+                   str(REPO), "--", sys.executable, "-m", "gckd_ray.train",
+                   "method=source_only", "train.epochs=1", "train.batch_size=16",
+                   "model.hidden_size=32", "model.embed_dim=32", "model.num_layers=1",
+                   "model.num_heads=2", f"data.synth_cache={synth_cache}",
+                   "data.synth_scale=0.1", f"run.output_dir={out}"]
+        for _ in range(30):  # the job server answers before the node's job agent is up
+            submit = subprocess.run(command, env=env, capture_output=True, text=True,
+                                    timeout=600)
+            if "No available agent" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout
         results = json.loads((out / "results.json").read_text())
