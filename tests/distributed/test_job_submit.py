@@ -31,15 +31,21 @@ def _ray_cli() -> str:
 def test_ray_job_submit_runs_training_on_a_local_cluster(synth_cache, tmp_path):
     port, dashboard = free_port(), free_port()
     # Loopback only; token auth on, with one token shared by the cluster and the CLI (§8).
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    env.pop("RAY_ADDRESS", None)
+    # No RAY_* variable of this test session's own Ray instance may leak into the new cluster.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="token",
+               RAY_AUTH_TOKEN=secrets.token_hex(32))
     # Ray's unix sockets live under --temp-dir: pytest's long tmp paths exceed the socket limit.
     short_tmp = tempfile.mkdtemp(prefix="rayjob-", dir="/tmp")
     head = subprocess.Popen(
         [_ray_cli(), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dashboard}", f"--temp-dir={short_tmp}"],
+         f"--dashboard-port={dashboard}", f"--temp-dir={short_tmp}",
+         # Other Ray instances on this machine (this session's own included) hold the default
+         # agent ports; a second agent that cannot bind them never serves job submissions.
+         f"--dashboard-agent-listen-port={free_port()}",
+         f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+         f"--runtime-env-agent-port={free_port()}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     out = tmp_path / "job-run"
     try:
@@ -51,7 +57,7 @@ def test_ray_job_submit_runs_training_on_a_local_cluster(synth_cache, tmp_path):
                    "model.hidden_size=32", "model.embed_dim=32", "model.num_layers=1",
                    "model.num_heads=2", f"data.synth_cache={synth_cache}",
                    "data.synth_scale=0.1", f"run.output_dir={out}"]
-        for _ in range(30):  # the job server answers before the node's job agent is up
+        for _ in range(15):  # the job server answers before the node's job agent is up
             submit = subprocess.run(command, env=env, capture_output=True, text=True,
                                     timeout=600)
             if "No available agent" not in submit.stdout + submit.stderr:
@@ -63,7 +69,11 @@ def test_ray_job_submit_runs_training_on_a_local_cluster(synth_cache, tmp_path):
         assert results["method"] == "source_only" and len(results["history"]) == 1
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops its cluster on SIGTERM
-        head.wait(timeout=180)
+        try:
+            head.wait(timeout=20)
+        except subprocess.TimeoutExpired:  # its orderly stop can take minutes: end the group
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=60)
         shutil.rmtree(short_tmp, ignore_errors=True)
 
 
