@@ -54,24 +54,27 @@ def _storages(obj, seen_objs: set[int], out: dict[int, int], depth: int = 0) -> 
         _storages(item, seen_objs, out, depth + 1)
 
 
+# (text width, layers, heads, vocab, length), (vision width, layers, heads, image, patch),
+# projection dim, training image size (H, W).
+_SIZES = {
+    "vit-b/16": ((512, 12, 8, 49408, 77), (768, 12, 12, 224, 16), 512, (384, 128)),
+    "smoke": ((32, 1, 2, 100, 16), (32, 1, 2, 32, 8), 16, (32, 16)),
+}
+
+
 def _clip_config(smoke: bool):
+    """(CLIPConfig, training image size, text length) of the benchmark's model."""
     from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-    if smoke:
-        text = CLIPTextConfig(vocab_size=100, hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=1, num_attention_heads=2,
-                              max_position_embeddings=16)
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                  num_attention_heads=2, image_size=32, patch_size=8)
-        return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                          projection_dim=16), (32, 16), 16
-    text = CLIPTextConfig(vocab_size=49408, hidden_size=512, intermediate_size=2048,
-                          num_hidden_layers=12, num_attention_heads=8,
-                          max_position_embeddings=77)
-    vision = CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                              num_attention_heads=12, image_size=224, patch_size=16)
-    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                      projection_dim=512), (384, 128), 77
+    (tw, tl, th, vocab, length), (vw, vl, vh, image, patch), dim, size = _SIZES[
+        "smoke" if smoke else "vit-b/16"]
+    text = CLIPTextConfig(vocab_size=vocab, hidden_size=tw, intermediate_size=4 * tw,
+                          num_hidden_layers=tl, num_attention_heads=th,
+                          max_position_embeddings=length)
+    vision = CLIPVisionConfig(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=vl,
+                              num_attention_heads=vh, image_size=image, patch_size=patch)
+    return (CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                       projection_dim=dim), size, length)
 
 
 def _worker(rank: int, world: int, port: int, stage: int, smoke: bool, out: str) -> None:

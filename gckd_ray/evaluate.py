@@ -349,17 +349,17 @@ def evaluate_split(encoder, split, device: torch.device, domain: int | None = TA
 
 
 @torch.no_grad()
-def rerank_split(encoder, head, split, device: torch.device, top_k: int, weight: float,
-                 domain: int | None = TARGET, chunk: int = 64) -> dict[str, float]:
+def rerank_split(encoder, head, split, device: torch.device, images: torch.Tensor,
+                 texts: torch.Tensor, top_k: int, weight: float, chunk: int = 64
+                 ) -> dict[str, float]:
     """Retrieval metrics after the matching head re-scores each query's top-k images
-    (``matching.rerank``); token states are computed only for the images some query's top-k
-    holds, chunk by chunk. Under data parallelism every rank must call it (the embeddings are
-    encoded sharded and gathered); each then re-ranks all queries itself."""
+    (``matching.rerank``). ``images``/``texts`` are the split's embeddings from
+    ``encode_split`` (every rank holds all of them); token states are computed only for the
+    images some query's top-k holds, chunk by chunk, and each rank re-ranks all queries itself."""
     from gckd_ray.model.matching import rerank
 
     was_training = encoder.training, head.training
     encoder.eval(), head.eval()
-    images, texts = encode_split(encoder, split, device, domain)
     sim = texts @ images.t()  # (Q, G) on CPU
     for start in range(0, len(sim), chunk):
         block = sim[start:start + chunk]

@@ -204,7 +204,7 @@ def test_benchmark_smoke(capsys):
 def test_rerank_with_zero_weight_keeps_the_ranking(synth_cache, tiny_config):
     from gckd_ray.data.datasets import load_split
     from gckd_ray.data.tokenizer import WordTokenizer
-    from gckd_ray.evaluate import evaluate_split, rerank_split
+    from gckd_ray.evaluate import encode_split, evaluate_split, rerank_split
     from gckd_ray.model.gckd import build_gckd
 
     cfg = tiny_config("method=gckd")
@@ -213,7 +213,10 @@ def test_rerank_with_zero_weight_keeps_the_ranking(synth_cache, tiny_config):
     model = build_gckd(cfg, tok, num_classes=3)
     device = torch.device("cpu")
     plain = evaluate_split(model.encoder, split, device)
-    assert rerank_split(model.encoder, model.matching, split, device, 5, 0.0) == plain
-    boosted = rerank_split(model.encoder, model.matching, split, device, 5, 100.0)
+    images, texts = encode_split(model.encoder, split, device)
+    assert rerank_split(model.encoder, model.matching, split, device, images, texts,
+                        5, 0.0) == plain
+    boosted = rerank_split(model.encoder, model.matching, split, device, images, texts,
+                           5, 100.0)
     # re-ranking only reorders each query's top 5 among themselves: R5 and R10 cannot move
     assert boosted["R5"] == plain["R5"] and boosted["R10"] == plain["R10"]

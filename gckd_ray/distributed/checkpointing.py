@@ -20,6 +20,7 @@ name and renamed, so an interrupted write never leaves a file that looks complet
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import torch
 import yaml
 
 from gckd_ray.config import Config, config_from_dict, save_config
+from gckd_ray.distributed.memory import MEMORY_FILE, read_state, write_state
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -54,11 +56,12 @@ def _zero_stage(engine) -> int:
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
     """The whole model's state dict on CPU; under ZeRO-3 a collective (every rank calls it)."""
     module = engine.module
-    if _zero_stage(engine) < 3:
-        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    import deepspeed
+    gathered = contextlib.nullcontext()
+    if _zero_stage(engine) == 3:
+        import deepspeed
 
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        gathered = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    with gathered:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
@@ -84,10 +87,7 @@ def save_checkpoint(directory: str | Path, *, engine, scheduler: Any, state: dic
     if rank != 0:
         return
     if memory is not None:
-        tmp = directory / "memory.npz.tmp"
-        with open(tmp, "wb") as f:
-            np.savez(f, **memory)
-        os.replace(tmp, directory / "memory.npz")
+        write_state(directory, memory)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     atomic_torch_save(full, directory / "model.pt")
     atomic_torch_save(scheduler.state_dict(), directory / "scheduler.pt")
@@ -128,11 +128,9 @@ def _load_shard(path: Path) -> dict[str, Any]:
 
 def load_memory_state(directory: str | Path) -> dict[str, np.ndarray] | None:
     """The GCKD memory state a checkpoint holds (numpy, ``allow_pickle=False``), or None."""
-    path = Path(directory) / "memory.npz"
-    if not path.is_file():
+    if not (Path(directory) / MEMORY_FILE).is_file():
         return None
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
+    return read_state(directory)
 
 
 def load_training_state(directory: str | Path, engine, scheduler: Any, rank: int,

@@ -354,17 +354,8 @@ class MemoryBank:
             self._pseudo[m] = np.array(state[f"target_{m}_pseudo_ids"], np.int64)
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``directory/memory.npz`` atomically (temp file + rename); return its path."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        path = directory / MEMORY_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, **self.state_dict())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path
+        """Write ``directory/memory.npz`` atomically (see ``write_state``); return its path."""
+        return write_state(directory, self.state_dict())
 
     @classmethod
     def load(cls, directory: str | Path, faiss_threads: int = 0) -> "MemoryBank":
@@ -375,6 +366,21 @@ class MemoryBank:
                    faiss_threads=faiss_threads)
         bank.load_state_dict(state)
         return bank
+
+
+def write_state(directory: str | Path, state: dict[str, np.ndarray]) -> Path:
+    """Write a bank's ``state_dict`` to ``directory/memory.npz`` atomically (temp file, fsync,
+    rename); return its path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / MEMORY_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **state)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
 
 
 def read_state(directory: str | Path) -> dict[str, np.ndarray]:

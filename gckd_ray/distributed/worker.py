@@ -30,7 +30,7 @@ from gckd_ray.distributed.checkpointing import (load_memory_state, load_training
 from gckd_ray.distributed.deepspeed_config import build_engine
 from gckd_ray.distributed.memory import MemoryClient, get_memory_actor
 from gckd_ray.distributed.loop import engine_step, log_progress, to_device
-from gckd_ray.evaluate import evaluate_split, rerank_split
+from gckd_ray.evaluate import encode_split, rerank_split, retrieval_metrics_from_embeddings
 from gckd_ray.model.gckd import build_gckd
 from gckd_ray.model.retriever import build_retriever
 
@@ -149,12 +149,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def evaluate_target(module, split: PairedSplit, device: torch.device, cfg: Config
                     ) -> dict[str, float]:
-    """Target test metrics; with a matching head, also ``rerank_*`` (reported separately)."""
-    metrics = evaluate_split(module.encoder, split, device)
+    """Target test metrics; with a matching head, also ``rerank_*`` (reported separately).
+    The split is encoded once for both."""
+    images, texts = encode_split(module.encoder, split, device)
+    metrics = retrieval_metrics_from_embeddings(texts, images, split.labels, split.image_labels)
     head = getattr(module, "matching", None)
     if head is not None and cfg.matching.rerank_top_k > 0:
-        reranked = rerank_split(module.encoder, head, split, device, cfg.matching.rerank_top_k,
-                                cfg.matching.rerank_weight)
+        reranked = rerank_split(module.encoder, head, split, device, images, texts,
+                                cfg.matching.rerank_top_k, cfg.matching.rerank_weight)
         metrics.update({f"rerank_{k}": reranked[k] for k in ("R1", "R5", "R10", "mAP", "mINP")})
     return metrics
 
