@@ -30,17 +30,24 @@ def synth_cache(tmp_path_factory) -> Path:
     return cache
 
 
-@pytest.fixture
-def tiny_config(synth_cache, tmp_path):
-    """A config for quick end-to-end runs on the small SynthPEDES."""
-    def make(*overrides: str):
+@pytest.fixture(scope="session")
+def tiny_config_at(synth_cache):
+    """``make(output_dir, *overrides)``: a config for quick end-to-end runs on the small
+    SynthPEDES (session-scoped, for fixtures that share one run between tests)."""
+    def make(output_dir: Path, *overrides: str):
         return load_config(None, [
             f"data.synth_cache={synth_cache}", f"data.synth_scale={SYNTH_SCALE}",
-            f"run.output_dir={tmp_path / 'run'}",
+            f"run.output_dir={output_dir}",
             "train.epochs=1", "train.batch_size=16", "train.instances_per_id=2",
             "model.hidden_size=32", "model.embed_dim=32", "model.num_layers=1",
             "model.num_heads=2", "train.log_every=5", *overrides])
     return make
+
+
+@pytest.fixture
+def tiny_config(tiny_config_at, tmp_path):
+    """``make(*overrides)``: as ``tiny_config_at``, writing under the test's own tmp_path."""
+    return lambda *overrides: tiny_config_at(tmp_path / "run", *overrides)
 
 
 @pytest.fixture(scope="session")

@@ -16,19 +16,34 @@ from helpers import free_port
 
 pytestmark = pytest.mark.slow
 
-GCKD_STEPS = ("method=gckd", "train.epochs=1", "gckd.warmup_epochs=0", "gckd.queue_size=512",
-              "gckd.memory_nodes=16", "gckd.snapshot_every=2", "gckd.pseudo_every=4",
-              "graph.k=5", "matching.rerank_top_k=0")
+# Two GCKD epochs from the first step (no warm-up), so the memory's queues and pseudo-ids are
+# part of what a resume must restore. Runs stopped after epoch 1 keep the 2-epoch LR schedule.
+GCKD = ("method=gckd", "train.epochs=2", "gckd.warmup_epochs=0", "gckd.queue_size=512",
+        "gckd.memory_nodes=16", "gckd.snapshot_every=2", "gckd.pseudo_every=4", "graph.k=5",
+        "matching.rerank_top_k=0")
+
+
+@pytest.fixture(scope="module")
+def zero3_stopped(ray_session, tiny_config_at, tmp_path_factory):
+    """A ZeRO-3 run stopped after epoch 1: the stage comparison's ZeRO-3 epoch and the resume
+    test's first half (one run serves both)."""
+    out = tmp_path_factory.mktemp("zero3-stopped")
+    results = run_training(tiny_config_at(out, *GCKD, "deepspeed.zero_stage=3",
+                                          "run.stop_after_epochs=1"))
+    assert [h["epoch"] for h in results["history"]] == [1]
+    return out, results
 
 
 def _losses(history):
     return {k: v for k, v in history[0].items() if k not in ("epoch",)}
 
 
-def test_zero_2_and_3_match_zero_0(ray_session, tiny_config, tmp_path):
-    runs = {stage: run_training(tiny_config(*GCKD_STEPS, f"deepspeed.zero_stage={stage}",
-                                            f"run.output_dir={tmp_path / f'zero{stage}'}"))
-            for stage in (0, 2, 3)}
+def test_zero_2_and_3_match_zero_0(tiny_config, zero3_stopped, tmp_path):
+    runs = {stage: run_training(tiny_config(*GCKD, f"deepspeed.zero_stage={stage}",
+                                            f"run.output_dir={tmp_path / f'zero{stage}'}",
+                                            "run.stop_after_epochs=1"))
+            for stage in (0, 2)}
+    runs[3] = zero3_stopped[1]
     reference = _losses(runs[0]["history"])
     assert {"itc", "id", "cmkd", "gmp", "itm"} <= set(reference)
     # Epoch means of 12 fp32 steps: ZeRO-0 all-reduces gradients, ZeRO-2/3 reduce-scatter them
@@ -97,21 +112,16 @@ def test_zero3_shard_local_ema_equals_full_parameter_ema(tmp_path):
     assert result["err"] < 1e-6    # ... and it is the full-parameter EMA
 
 
-RESUME = ("method=gckd", "train.epochs=2", "gckd.warmup_epochs=1", "gckd.queue_size=512",
-          "gckd.memory_nodes=16", "gckd.snapshot_every=2", "gckd.pseudo_every=4", "graph.k=5",
-          "matching.rerank_top_k=0", "deepspeed.zero_stage=3")
-
-
-def test_stop_and_resume_continues_exactly(ray_session, tiny_config, tmp_path):
+def test_stop_and_resume_continues_exactly(tiny_config, zero3_stopped, tmp_path):
     """Epoch 2 of a run stopped after epoch 1 and resumed (ZeRO-3 partitions, optimizer, LR
     schedule, RNG and augmentation streams, memory queues and pseudo-ids all restored) equals
     epoch 2 of the uninterrupted run."""
-    whole = run_training(tiny_config(*RESUME, f"run.output_dir={tmp_path / 'whole'}"))
-    split = tmp_path / "split"
-    stopped = run_training(tiny_config(*RESUME, f"run.output_dir={split}",
-                                       "run.stop_after_epochs=1"))
-    assert [h["epoch"] for h in stopped["history"]] == [1]
-    resumed = run_training(tiny_config(*RESUME, f"run.output_dir={split}", "run.resume=true"))
+    split_dir, stopped = zero3_stopped
+    whole = run_training(tiny_config(*GCKD, "deepspeed.zero_stage=3",
+                                     f"run.output_dir={tmp_path / 'whole'}"))
+    assert whole["history"][0] == pytest.approx(stopped["history"][0], rel=1e-6)
+    resumed = run_training(tiny_config(*GCKD, "deepspeed.zero_stage=3",
+                                       f"run.output_dir={split_dir}", "run.resume=true"))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
     expected, got = whole["history"][1], resumed["history"][1]
     assert {"cmkd", "gmp", "itm"} <= set(expected)
