@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
@@ -34,7 +33,23 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, world = _rank_and_world()
     if world == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _AllGatherWithGrad.apply(x)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenating all-gather whose backward sums every rank's gradient of the gathered
+    tensor and hands each rank its own rows (torch.distributed.nn's version is deprecated)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return all_gather_no_grad(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        rank, world = _rank_and_world()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce is in place
+        dist.all_reduce(grad)
+        return grad.chunk(world)[rank]
 
 
 @torch.no_grad()

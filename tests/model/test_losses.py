@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import socket
 import tempfile
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from helpers import softmax as _softmax, unit as _unit
+from helpers import free_port, softmax as _softmax, unit as _unit
 from gckd_ray.config import LossConfig, LossWeights
 from gckd_ray.model.losses import (
     IdentityClassifier, SourceLoss, all_gather_with_grad, itc_loss, sdm_loss)
@@ -176,16 +175,10 @@ def _rank_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_distributed_losses_equal_single_process_on_concatenated_batch():
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=True)
+        mp.spawn(_rank_worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
         ranks = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD)]
 
     img, txt, pids = _global_batch()
