@@ -31,11 +31,13 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "gckd_no_matching": ("method=gckd", "matching.enabled=false"),
     "gckd_no_hard_negatives": ("method=gckd", "matching.hard_negatives=false"),
     "gckd_no_centring": ("method=gckd", "gckd.domain_centring=false"),
+    "gckd_no_bridge": ("method=gckd", "gckd.vocab_bridge=false"),
     # Plain self-training: the teacher's own distribution over in-batch keys; no graph, no
-    # memory, no pseudo-ids, no matching head, no domain centring.
+    # memory, no pseudo-ids, no matching head, no domain centring, no lexical bridge.
     "self_training": ("method=gckd", "graph.enabled=false", "gckd.use_memory=false",
                       "gckd.use_pseudo_ids=false", "matching.enabled=false",
-                      "gckd.domain_centring=false", "distill.alpha=0.0"),
+                      "gckd.domain_centring=false", "gckd.vocab_bridge=false",
+                      "distill.alpha=0.0"),
     # The easier variant: target pairs known (ids still unknown).
     "gckd_paired": ("method=gckd", "data.target.paired=true"),
 }

@@ -114,6 +114,11 @@ class GCKDConfig:
     # Remove each (domain, modality) running mean from its embeddings (model/centring.py).
     domain_centring: bool = True
     centring_momentum: float = 0.99
+    # Word vocabulary only: alias target-only caption words to the source word found in the
+    # same contexts of the unlabelled target captions (data/vocab_bridge.py), when it leads
+    # the runner-up by bridge_margin in cosine (0: the most similar one, if similar enough).
+    vocab_bridge: bool = True
+    bridge_margin: float = 0.0
 
 
 @dataclass
@@ -251,7 +256,7 @@ class Config:
                     "loss.itc_temperature"):
             _positive(key, get_key(self, key))
         for key in ("run.stop_after_epochs", "train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.max_failures",
-                    "loss.weights.sdm", "loss.weights.itc", "loss.weights.id",
+                    "gckd.bridge_margin", "loss.weights.sdm", "loss.weights.itc", "loss.weights.id",
                     "loss.weights.cmkd", "loss.weights.gmp", "loss.weights.itm",
                     "matching.rerank_top_k", "matching.rerank_weight"):
             if get_key(self, key) < 0:
@@ -435,6 +440,9 @@ KEY_HELP: dict[str, str] = {
     "gckd.domain_centring": "ablation: centre embeddings by per-domain, per-modality running "
                             "means (training and target evaluation)",
     "gckd.centring_momentum": "momentum of those running means (per step)",
+    "gckd.vocab_bridge": "alias target-only caption words to source words used in the same "
+                         "contexts (word vocabulary only)",
+    "gckd.bridge_margin": "cosine lead over the runner-up needed to alias a word",
     "graph.enabled": "ablation: graph propagation (GMP) on/off",
     "graph.k": "neighbours per node of the step's kNN graph",
     "graph.num_layers": "message-passing layers of the propagation network",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -80,29 +80,42 @@ def split_words(text: str) -> list[str]:
 
 
 class WordTokenizer:
-    """Word-level tokenizer with a deterministic vocabulary built from captions."""
+    """Word-level tokenizer with a deterministic vocabulary built from captions.
+
+    ``aliases`` (word -> vocabulary word) encode a word as another word's id: the lexical
+    bridge (`gckd_ray.data.vocab_bridge`) that gives target-only synonyms a trained embedding.
+    """
 
     SPECIALS = ("<pad>", "<bos>", "<unk>", "<eos>")
     pad_id, bos_id, unk_id, eos_id = 0, 1, 2, 3
 
-    def __init__(self, words: Sequence[str]):
+    def __init__(self, words: Sequence[str], aliases: Mapping[str, str] | None = None):
         """``words``: the non-special vocabulary in id order (ids start after the specials)."""
         self.words = list(words)
         clash = set(self.words) & set(self.SPECIALS)
         if clash or len(set(self.words)) != len(self.words):
             raise ValueError(f"word list has duplicates or special tokens: {sorted(clash)}")
         self._index = {w: i + len(self.SPECIALS) for i, w in enumerate(self.words)}
+        self.aliases = dict(aliases or {})
+        dangling = sorted(t for t in self.aliases.values()
+                          if t not in self._index or t in self.aliases)
+        if dangling:
+            raise ValueError(f"aliases must point at vocabulary words that are not aliases "
+                             f"themselves: {dangling}")
+        for word, target in self.aliases.items():
+            self._index[word] = self._index[target]
 
     @property
     def vocab_size(self) -> int:
         return len(self.SPECIALS) + len(self.words)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 1) -> "WordTokenizer":
+    def build(cls, captions: Iterable[str], min_count: int = 1,
+              aliases: Mapping[str, str] | None = None) -> "WordTokenizer":
         """Vocabulary of words seen at least ``min_count`` times, ordered by (-count, word)."""
         counts = Counter(w for caption in captions for w in split_words(caption))
         kept = [w for w, c in counts.items() if c >= min_count and w not in cls.SPECIALS]
-        return cls(sorted(kept, key=lambda w: (-counts[w], w)))
+        return cls(sorted(kept, key=lambda w: (-counts[w], w)), aliases)
 
     def token_ids(self, text: str) -> list[int]:
         return [self._index.get(w, self.unk_id) for w in split_words(text)]
@@ -117,7 +130,7 @@ class WordTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         payload = {"format": _WORD_FORMAT, "version": 1, "specials": list(self.SPECIALS),
-                   "words": self.words}
+                   "words": self.words, "aliases": self.aliases}
         (directory / WORD_VOCAB_FILE).write_text(json.dumps(payload, ensure_ascii=False))
 
     @classmethod
@@ -137,7 +150,14 @@ class WordTokenizer:
         words = payload.get("words")
         if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
             raise ValueError(f"{path}: 'words' must be a list of strings")
-        return cls(words)
+        aliases = payload.get("aliases", {})
+        if not isinstance(aliases, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+            raise ValueError(f"{path}: 'aliases' must map strings to strings")
+        try:
+            return cls(words, aliases)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
 
 
 class CLIPBPETokenizer:

@@ -143,7 +143,9 @@ def gckd_epoch(model, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
             inner.ema_step()
         push_teacher(pusher, out.teacher, split, idx, tgt)
         for name, value in {**out.losses, **out.stats}.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
+            # .item() of a detached tensor: float() of one that requires grad warns every run.
+            value = value.detach().item() if isinstance(value, torch.Tensor) else float(value)
+            sums[name] = sums.get(name, 0.0) + value
         if rank == 0 and (step + 1) % cfg.train.log_every == 0:
             log_progress(epoch, cfg.train.epochs, step, len(batches), sums,
                          scheduler.get_last_lr()[0], start)

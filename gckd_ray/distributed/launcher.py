@@ -15,6 +15,7 @@ from gckd_ray.config import Config
 from gckd_ray.data.datasets import load_records, target_pairs
 from gckd_ray.data.formats import Record
 from gckd_ray.data.tokenizer import WordTokenizer
+from gckd_ray.data.vocab_bridge import bridge_words
 from gckd_ray.distributed.memory import create_memory_actor, memory_actor_name
 from gckd_ray.distributed.results import format_table, results_path, write_results
 from gckd_ray.distributed.runtime import init_ray
@@ -23,13 +24,20 @@ from gckd_ray.model.encoders import embedding_dim
 
 def prepare_tokenizer(cfg: Config, target_train: list[Record]) -> str:
     """A local CLIP folder brings its BPE; otherwise build a word vocabulary from the training
-    captions of both domains (captions only: no ids, no pairing)."""
+    captions of both domains (captions only: no ids, no pairing), with GCKD's lexical bridge
+    for the target-only words."""
     if cfg.model.pretrained:
         return cfg.model.pretrained
-    source_train = load_records(cfg, cfg.data.source, "train").records
-    captions = [r.caption for r in source_train + target_train]
+    source = [r.caption for r in load_records(cfg, cfg.data.source, "train").records]
+    target = [r.caption for r in target_train]
+    aliases = {}
+    if cfg.method == "gckd" and cfg.gckd.vocab_bridge:
+        aliases = bridge_words(source, target, min_margin=cfg.gckd.bridge_margin)
+        shown = ", ".join(f"{word}->{alias}" for word, alias in sorted(aliases.items()))
+        print(f"vocabulary bridge: {len(aliases)} target-only words aliased to source words "
+              f"({shown or 'none'})", flush=True)
     out = Path(cfg.run.output_dir) / "tokenizer"
-    WordTokenizer.build(captions).save(out)
+    WordTokenizer.build(source + target, aliases=aliases).save(out)
     return str(out)
 
 

@@ -78,11 +78,40 @@ def test_save_load_round_trip_is_json(tmp_path):
         assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
 
 
+def test_aliases_encode_as_their_word_and_survive_save_load(tmp_path):
+    tok = WordTokenizer.build(CAPTIONS + ["a crimson coat"], aliases={"crimson": "red"})
+    assert tok.token_ids("a crimson coat") == tok.token_ids("a red coat")
+    tok.save(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.aliases == {"crimson": "red"}
+    assert loaded.token_ids("crimson") == tok.token_ids("red")
+    # An old vocabulary file without aliases still loads.
+    payload = json.loads((tmp_path / WORD_VOCAB_FILE).read_text())
+    del payload["aliases"]
+    (tmp_path / WORD_VOCAB_FILE).write_text(json.dumps(payload))
+    assert WordTokenizer.load(tmp_path).aliases == {}
+
+
+def test_bad_aliases_are_refused():
+    with pytest.raises(ValueError, match="ufo"):
+        WordTokenizer.build(CAPTIONS, aliases={"crimson": "ufo"})
+    with pytest.raises(ValueError, match="not aliases"):    # no chains
+        WordTokenizer.build(CAPTIONS, aliases={"crimson": "red", "red": "blue"})
+
+
 def test_load_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         load_tokenizer(tmp_path)
     (tmp_path / WORD_VOCAB_FILE).write_text('{"format": "something else"}')
     with pytest.raises(ValueError, match=WORD_VOCAB_FILE):
+        WordTokenizer.load(tmp_path)
+    WordTokenizer.build(CAPTIONS).save(tmp_path)
+    payload = json.loads((tmp_path / WORD_VOCAB_FILE).read_text())
+    (tmp_path / WORD_VOCAB_FILE).write_text(json.dumps({**payload, "aliases": {"x": "ufo"}}))
+    with pytest.raises(ValueError, match=f"{WORD_VOCAB_FILE}.*ufo"):
+        WordTokenizer.load(tmp_path)
+    (tmp_path / WORD_VOCAB_FILE).write_text(json.dumps({**payload, "aliases": ["x"]}))
+    with pytest.raises(ValueError, match="'aliases' must map"):
         WordTokenizer.load(tmp_path)
 
 

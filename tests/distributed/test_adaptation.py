@@ -1,5 +1,7 @@
-"""The worker's target feed: independent streams when unpaired, pairs together when paired."""
+"""The worker's target feed (independent streams when unpaired, pairs together when paired), and
+the smoke run of the GCKD overhead benchmark (memory actor + graph build per step)."""
 
+import pytest
 import torch
 
 from gckd_ray.config import load_config
@@ -28,3 +30,15 @@ def test_paired_feed_brings_each_captions_own_image():
     for (images, captions), (_, same_captions) in zip(feed.epoch(1, steps=3), unpaired):
         assert torch.equal(captions, same_captions)  # same caption stream as unpaired
         assert torch.equal(images, image_of[captions])
+
+
+@pytest.mark.slow
+def test_gckd_overhead_benchmark_smoke(ray_session):
+    from benchmarks import gckd_overhead
+
+    result = gckd_overhead.main(["--smoke"])
+    parts = result["ms_per_step"]
+    assert set(parts) == {"push", "snapshot", "pseudo_id_refresh", "knn_graph_build"}
+    assert all(v > 0 for v in parts.values()) and result["compute_ms"] > 0
+    assert result["graph_nodes"] == 4 * 8 + 4 * 8       # batch 8 per domain and modality + C
+    assert 0 < result["memory_and_graph_share"] < 1

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 
+from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.distributed.launcher import run_training
 from gckd_ray.distributed.results import METRIC_KEYS
 from gckd_ray.evaluate import main as evaluate_main
@@ -47,6 +48,10 @@ def test_target_ids_and_pairing_never_reach_training(ray_session, tiny_config, s
     assert {"cmkd", "gmp", "itc", "id", "itm", "R1", "rerank_R1"} <= set(first[-1])
     assert set(results[0]["final_rerank"]) == {"R1", "R5", "R10", "mAP", "mINP"}
     assert first == second  # identical losses, pseudo-pair counts and metrics
+    # The lexical bridge ran, and read only what scrambling leaves intact.
+    aliases = [load_tokenizer(tmp_path / f"{root.name}-run" / "tokenizer").aliases
+               for root in (plain, scrambled)]
+    assert aliases[0] and aliases[0] == aliases[1]
 
     # The evaluate CLI reproduces the run's metrics: it applies the target centring the
     # checkpoint's encoder learned.

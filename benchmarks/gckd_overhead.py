@@ -1,0 +1,199 @@
+"""GCKD's per-step overhead: memory pushes, snapshot reads, pseudo-id refresh and kNN graph
+build, against the whole training step, measured in one run on the real components.
+
+    python -m benchmarks.gckd_overhead [--steps 30] [--smoke] [key=value ...]
+
+One process trains the default config's GCKD module (student, EMA teacher, propagation net,
+matching head; random batches of the configured shapes, torch AdamW) against a real memory actor
+in a local Ray (loopback), its queues filled to ``gckd.queue_size`` first. Per step it times:
+the compute (forward, backward, optimizer and EMA step; this includes the kNN graph build), the
+four teacher-feature pushes (``MemoryClient.push``, fire-and-forget), and every
+``gckd.snapshot_every`` steps the snapshot read (flush, publish, fetch, tensors); the actor-side
+pseudo-id refresh is timed on its own and spread over ``gckd.pseudo_every`` steps, as is the
+graph build (``knn_edges`` on the step's node count, timed on its own). The last line is JSON.
+Overrides are config keys, e.g. ``gckd.queue_size=65536 model.embed_dim=512``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback, before import ray
+
+import torch  # noqa: E402
+
+from gckd_ray.config import load_config  # noqa: E402
+from gckd_ray.data.tokenizer import WordTokenizer  # noqa: E402
+from gckd_ray.distributed.adaptation import memory_view  # noqa: E402
+from gckd_ray.distributed.memory import (  # noqa: E402
+    SOURCE, TARGET, MemoryClient, create_memory_actor)
+from gckd_ray.model.gckd import build_gckd  # noqa: E402
+from gckd_ray.model.graph import knn_edges  # noqa: E402
+
+SMOKE = ("train.batch_size=8", "gckd.queue_size=64", "gckd.memory_nodes=8",
+         "model.hidden_size=32", "model.embed_dim=32", "model.num_layers=1", "model.num_heads=2")
+
+
+def _batch(cfg, vocab: int, generator: torch.Generator, num_ids: int) -> tuple[dict, dict]:
+    """Random source and target batches of the configured shapes."""
+    b, h, w, length = (cfg.train.batch_size, cfg.data.image_height, cfg.data.image_width,
+                       cfg.data.text_length)
+
+    def captions():
+        ids = torch.randint(4, vocab, (b, length), generator=generator)
+        ids[:, 0], ids[:, -1] = 1, 3                                 # bos ... eos
+        return ids, torch.ones(b, length, dtype=torch.int64)
+
+    ids, mask = captions()
+    source = {"images": torch.randn(b, 3, h, w, generator=generator), "input_ids": ids,
+              "attention_mask": mask,
+              "pids": torch.randint(0, num_ids, (b // 2,), generator=generator).repeat(2)}
+    ids, mask = captions()
+    target = {"images": torch.randn(b, 3, h, w, generator=generator), "input_ids": ids,
+              "attention_mask": mask,
+              "image_rows": torch.randint(0, 4 * num_ids, (b,), generator=generator),
+              "text_rows": torch.randint(0, 4 * num_ids, (b,), generator=generator)}
+    return source, target
+
+
+def _fill(client: MemoryClient, cfg, dim: int, num_items: int) -> None:
+    """Fill both queues to queue_size, half source, half target."""
+    chunk = max(cfg.train.batch_size, min(256, cfg.gckd.queue_size // 2))
+    for start in range(0, cfg.gckd.queue_size, chunk):
+        n = min(chunk, cfg.gckd.queue_size - start)
+        domain = SOURCE if (start // chunk) % 2 == 0 else TARGET
+        labels = (torch.randint(0, 100, (n,)) if domain == SOURCE
+                  else torch.full((n,), -1, dtype=torch.int64))
+        for modality in ("image", "text"):
+            client.push(modality, torch.randn(n, dim), domain, labels,
+                        torch.randint(0, num_items, (n,)))
+    client.flush()
+
+
+def _read(client: MemoryClient, actor, cfg):
+    import ray
+
+    client.flush()
+    number = ray.get(actor.publish.remote())
+    return memory_view(client.snapshot(number), cfg.gckd.memory_nodes, torch.device("cpu"))
+
+
+def measure(cfg, steps: int) -> dict:
+    import ray
+
+    torch.manual_seed(cfg.run.seed)
+    tokenizer = WordTokenizer([f"w{i}" for i in range(200)])
+    num_ids = 500
+    model = build_gckd(cfg, tokenizer, num_classes=num_ids)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                  lr=cfg.train.lr)
+    dim = model.encoder.embed_dim
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1",
+                 include_dashboard=False, logging_level="WARNING")
+    actor = None
+    try:
+        actor = create_memory_actor(
+            "gckd-overhead-benchmark", dim=dim, queue_size=cfg.gckd.queue_size,
+            num_target_images=4 * num_ids, num_target_texts=4 * num_ids, restore_from="",
+            pseudo_k=cfg.gckd.pseudo_k, pseudo_threshold=cfg.gckd.pseudo_threshold,
+            pseudo_center=cfg.gckd.pseudo_center, faiss_threads=1, seed=cfg.run.seed)
+        client = MemoryClient(actor)
+        _fill(client, cfg, dim, 4 * num_ids)
+        refresh_s = _timed(lambda: ray.get(actor.refresh_pseudo_ids.remote()), 3)
+        generator = torch.Generator().manual_seed(cfg.run.seed)
+        compute, push, snapshot, view, node_count = [], [], [], None, 0
+        for step in range(steps + 2):                        # 2 warm-up steps, not timed
+            start = time.perf_counter()
+            if step % cfg.gckd.snapshot_every == 0:
+                view = _read(client, actor, cfg)
+                snapshot.append(time.perf_counter() - start)
+            source, target = _batch(cfg, tokenizer.vocab_size, generator, num_ids)
+            start = time.perf_counter()
+            out = model(source, target, view, adapt=True)
+            optimizer.zero_grad(set_to_none=True)
+            out.losses["loss"].backward()
+            optimizer.step()
+            model.ema_step()
+            compute.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for modality, key, domain in (("image", "src_image", SOURCE),
+                                          ("text", "src_text", SOURCE),
+                                          ("image", "tgt_image", TARGET),
+                                          ("text", "tgt_text", TARGET)):
+                feats = out.teacher[key]
+                labels = (source["pids"] if domain == SOURCE
+                          else torch.full((len(feats),), -1, dtype=torch.int64))
+                client.push(modality, feats, domain, labels, torch.arange(len(feats)))
+            push.append(time.perf_counter() - start)
+            node_count = 4 * cfg.train.batch_size + len(view.graph_nodes)
+        client.flush()
+    finally:
+        if actor is not None:
+            ray.kill(actor)
+        if own_ray:
+            ray.shutdown()
+    nodes = torch.nn.functional.normalize(torch.randn(node_count, dim), dim=1)
+    knn_s = _timed(lambda: knn_edges(nodes, min(cfg.graph.k, node_count - 1)), 20)
+    return _summary(cfg, compute[2:], push[2:], snapshot[1:] or snapshot, refresh_s, knn_s,
+                    node_count)
+
+
+def _timed(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _summary(cfg, compute, push, snapshot, refresh_s, knn_s, node_count) -> dict:
+    ms = 1000.0
+    compute_ms = statistics.median(compute) * ms
+    parts = {"push": statistics.median(push) * ms,
+             "snapshot": statistics.median(snapshot) * ms / cfg.gckd.snapshot_every,
+             "pseudo_id_refresh": refresh_s * ms / cfg.gckd.pseudo_every,
+             "knn_graph_build": knn_s * ms}
+    step_ms = compute_ms + parts["push"] + parts["snapshot"] + parts["pseudo_id_refresh"]
+    return {
+        "benchmark": "gckd_overhead", "machine": platform.machine(),
+        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "batch_per_domain": cfg.train.batch_size, "queue_size": cfg.gckd.queue_size,
+        "embed_dim": cfg.model.embed_dim, "graph_nodes": node_count,
+        "step_ms": round(step_ms, 3), "compute_ms": round(compute_ms, 3),
+        "ms_per_step": {k: round(v, 3) for k, v in parts.items()},
+        "share_of_step": {k: round(v / step_ms, 4) for k, v in parts.items()},
+        "memory_and_graph_share": round(sum(parts.values()) / step_ms, 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gckd_overhead",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps (tests)")
+    parser.add_argument("overrides", nargs="*", help="config key=value")
+    args = parser.parse_args(argv)
+    cfg = load_config(None, [*(SMOKE if args.smoke else ()), *args.overrides])
+    result = measure(cfg, cfg.gckd.snapshot_every + 1 if args.smoke else args.steps)
+    print(f"step {result['step_ms']:.1f} ms (compute {result['compute_ms']:.1f} ms, "
+          f"{result['graph_nodes']} graph nodes, queue {result['queue_size']} x "
+          f"{result['embed_dim']})")
+    for name, value in result["ms_per_step"].items():
+        print(f"  {name:18s} {value:9.3f} ms/step  {100 * result['share_of_step'][name]:6.2f} %")
+    print(f"  memory + graph     {100 * result['memory_and_graph_share']:6.2f} % of the step")
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
