@@ -22,6 +22,7 @@ Reads caption text only (no ids, no pairing): shuffling captions across images c
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 
@@ -33,7 +34,7 @@ from gckd_ray.data.tokenizer import split_words
 
 def bridge_words(source_captions: Sequence[str], target_captions: Sequence[str], *,
                  window: int = 4, far_weight: float = 0.1, min_similarity: float = 0.6,
-                 min_margin: float = 0.0, min_count: int = 2
+                 min_margin: float = 0.0, min_count: int = 2, max_context_words: int = 1000
                  ) -> dict[str, str]:
     """Aliases ``target-only word -> source word`` found from context similarity.
 
@@ -47,6 +48,8 @@ def bridge_words(source_captions: Sequence[str], target_captions: Sequence[str],
             own templates ("him", "head") match nothing well and are left alone.
         min_margin: cosine lead of the best source word over the second best needed to alias.
         min_count: words seen fewer times in the target captions are left alone.
+        max_context_words: only the most frequent words count as neighbours (bounds the
+            dense similarity computation on real vocabularies; SynthPEDES has ~120 words).
 
     Returns:
         Alias map; empty when the target has no words unseen in the source.
@@ -59,8 +62,9 @@ def bridge_words(source_captions: Sequence[str], target_captions: Sequence[str],
     known = [i for i, w in enumerate(words) if w in seen]
     if not unseen or len(known) < 2:
         return {}
-    vectors = context_vectors(sentences, words, window, far_weight)
-    similarity = _cosine(vectors, unseen, known)                # (unseen, known)
+    vectors = _frequent_features(context_vectors(sentences, words, window, far_weight),
+                                 [counts[w] for w in words], max_context_words)
+    similarity = vectors[unseen] @ vectors[known].T             # cosine (unseen, known)
     top = similarity.topk(2, dim=1)
     confident = ((top.values[:, 0] >= min_similarity)
                  & (top.values[:, 0] - top.values[:, 1] >= min_margin))
@@ -90,23 +94,24 @@ def context_vectors(sentences: Sequence[Sequence[str]], words: Sequence[str], wi
     ids = np.full((len(sentences), length), -1, dtype=np.int64)
     for row, sentence in enumerate(sentences):
         ids[row, :len(sentence)] = [index.get(w, -1) for w in sentence]
-    n, far_slot = len(words), 2 * window
+    n = len(words)
     width = (2 * window + 1) * n
+    near = [_pairs(ids, d) for d in range(1, min(window, length - 1) + 1)]
     rows, cols, weights = [], [], []
-    for d in range(1, length):
-        left, right = ids[:, :-d].ravel(), ids[:, d:].ravel()
-        ok = (left >= 0) & (right >= 0)
-        left, right = left[ok], right[ok]
-        near = d <= window
-        to_right, to_left = (2 * (d - 1), 2 * d - 1) if near else (far_slot, far_slot)
+    for d, (left, right) in enumerate(near, start=1):
         rows += [left, right]
-        cols += [to_right * n + right, to_left * n + left]
-        weights.append(np.full(2 * len(left), 0.5 ** (d - 1) if near else far_weight))
-    if not rows:
-        return torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.int64), [], (n, width))
+        cols += [2 * (d - 1) * n + right, (2 * d - 1) * n + left]
+        weights.append(np.full(2 * len(left), 0.5 ** (d - 1)))
+    far_rows, far_cols, far_counts = _far_pairs(ids, n, near)
+    rows.append(far_rows)
+    cols.append(2 * window * n + far_cols)
+    weights.append(far_weight * far_counts)
     keys, inverse = np.unique(np.concatenate(rows) * width + np.concatenate(cols),
                               return_inverse=True)
     counts = np.bincount(inverse, weights=np.concatenate(weights))
+    keys, counts = keys[counts > 0], counts[counts > 0]
+    if not len(keys):
+        return torch.sparse_coo_tensor(torch.zeros(2, 0, dtype=torch.int64), [], (n, width))
     rows, cols = keys // width, keys % width
     row_sum = np.bincount(rows, weights=counts, minlength=n)
     col_sum = np.bincount(cols, weights=counts, minlength=width)
@@ -119,9 +124,59 @@ def context_vectors(sentences: Sequence[Sequence[str]], words: Sequence[str], wi
                                    check_invariants=True).coalesce()
 
 
-def _cosine(vectors: torch.Tensor, rows: list[int], cols: list[int]) -> torch.Tensor:
-    """Cosine similarities (len(rows), len(cols)) of unit rows of a sparse matrix."""
-    other = vectors.index_select(0, torch.tensor(cols))
-    chunks = [vectors.index_select(0, torch.tensor(rows[start:start + 256])).to_dense()
-              for start in range(0, len(rows), 256)]            # bounded dense blocks
-    return torch.cat([torch.sparse.mm(other, chunk.T).T for chunk in chunks])
+def _pairs(ids: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """(left, right) word ids of every pair of known tokens ``d`` apart in a caption."""
+    left, right = ids[:, :-d].ravel(), ids[:, d:].ravel()
+    ok = (left >= 0) & (right >= 0)
+    return left[ok], right[ok]
+
+
+def _far_pairs(ids: np.ndarray, n: int, near: list[tuple[np.ndarray, np.ndarray]]
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Counts of (word, other word) at a distance beyond the near window in one caption.
+
+    All ordered pairs of distinct positions come from the caption-by-word count matrix X as
+    X^T X minus each word's own position (the diagonal); the near pairs are then taken off.
+    Memory stays O(tokens + distinct pairs), not O(captions x length^2).
+    """
+    captions, _ = np.nonzero(ids >= 0)
+    tokens = ids[ids >= 0]
+    x = torch.sparse_coo_tensor(np.stack([captions, tokens]), np.ones(len(tokens)),
+                                (len(ids), n), check_invariants=True).coalesce()
+    with warnings.catch_warnings():  # sparse @ sparse goes through CSR, which warns "beta"
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        co = torch.sparse.mm(x.t().coalesce(), x).coalesce()
+    (rows, cols), values = co.indices().numpy(), co.values().numpy()
+    diagonal = np.arange(n)
+    near_left = np.concatenate([p for pair in near for p in pair] or [np.zeros(0, np.int64)])
+    near_right = np.concatenate([p for pair in near for p in pair[::-1]]
+                                or [np.zeros(0, np.int64)])
+    rows = np.concatenate([rows, diagonal, near_left])
+    cols = np.concatenate([cols, diagonal, near_right])
+    counts = np.concatenate([values, -np.bincount(tokens, minlength=n).astype(np.float64),
+                             -np.ones(len(near_left))])
+    keys, inverse = np.unique(rows * n + cols, return_inverse=True)
+    summed = np.bincount(inverse, weights=counts)
+    keep = summed > 0.5                                      # integer counts: exact
+    return keys[keep] // n, keys[keep] % n, summed[keep]
+
+
+def _frequent_features(vectors: torch.Tensor, word_counts: list[int], keep: int
+                       ) -> torch.Tensor:
+    """Dense unit rows restricted to the features whose neighbour is one of the ``keep``
+    most frequent words (all of them when there are no more than ``keep`` words)."""
+    n = len(word_counts)
+    indices, values = vectors.indices(), vectors.values()
+    if n > keep:
+        frequent = torch.zeros(n, dtype=torch.bool)
+        frequent[torch.tensor(word_counts).topk(keep).indices] = True
+        mask = frequent[indices[1] % n]
+        indices, values = indices[:, mask], values[mask]
+        slots = torch.unique(indices[1])                       # compact the kept columns
+        indices = torch.stack([indices[0], torch.searchsorted(slots, indices[1])])
+        width = len(slots)
+    else:
+        width = vectors.shape[1]
+    dense = torch.zeros(n, width)
+    dense[indices[0], indices[1]] = values                     # coalesced: no duplicates
+    return torch.nn.functional.normalize(dense, dim=1)

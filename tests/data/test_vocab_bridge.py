@@ -96,3 +96,12 @@ def test_synthpedes_aliases_agree_with_the_generator_lexicon(tiny_config, target
     judged = {w: a for w, a in aliases.items() if w in lexicon}
     right = sum(lexicon[w] == a for w, a in judged.items())
     assert len(judged) >= 8 and 3 * right >= 2 * len(judged), sorted(judged.items())
+
+
+def test_neighbour_features_can_be_limited_to_frequent_words():
+    """Real vocabularies keep only the most frequent words as neighbours; the toy's clear
+    synonyms survive with the rarest neighbours dropped."""
+    kwargs = dict(window=2, min_similarity=0.5, min_margin=0.05)
+    full = bridge_words(SOURCE, _target(), **kwargs)
+    assert bridge_words(SOURCE, _target(), max_context_words=100, **kwargs) == full
+    assert bridge_words(SOURCE, _target(), max_context_words=8, **kwargs) == full
