@@ -7,8 +7,9 @@ One process trains the default config's GCKD module (student, EMA teacher, propa
 matching head; random batches of the configured shapes, torch AdamW) against a real memory actor
 in a local Ray (loopback), its queues filled to ``gckd.queue_size`` first. Per step it times:
 the compute (forward, backward, optimizer and EMA step; this includes the kNN graph build), the
-four teacher-feature pushes (``MemoryClient.push``, fire-and-forget), and every
-``gckd.snapshot_every`` steps the snapshot read (flush, publish, fetch, tensors); the actor-side
+four teacher-feature pushes (the worker's ``push_teacher``, fire-and-forget), and every
+``gckd.snapshot_every`` steps the snapshot read (the worker's ``read_memory``: flush, publish,
+fetch, tensors); the actor-side
 pseudo-id refresh is timed on its own and spread over ``gckd.pseudo_every`` steps, as is the
 graph build (``knn_edges`` on the step's node count, timed on its own). The last line is JSON.
 Overrides are config keys, e.g. ``gckd.queue_size=65536 model.embed_dim=512``.
@@ -22,6 +23,7 @@ import os
 import platform
 import statistics
 import time
+from types import SimpleNamespace
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback, before import ray
 
@@ -29,7 +31,7 @@ import torch  # noqa: E402
 
 from gckd_ray.config import load_config  # noqa: E402
 from gckd_ray.data.tokenizer import WordTokenizer  # noqa: E402
-from gckd_ray.distributed.adaptation import memory_view  # noqa: E402
+from gckd_ray.distributed.adaptation import push_teacher, read_memory  # noqa: E402
 from gckd_ray.distributed.memory import (  # noqa: E402
     SOURCE, TARGET, MemoryClient, create_memory_actor)
 from gckd_ray.model.gckd import build_gckd  # noqa: E402
@@ -39,15 +41,16 @@ SMOKE = ("train.batch_size=8", "gckd.queue_size=64", "gckd.memory_nodes=8",
          "model.hidden_size=32", "model.embed_dim=32", "model.num_layers=1", "model.num_heads=2")
 
 
-def _batch(cfg, vocab: int, generator: torch.Generator, num_ids: int) -> tuple[dict, dict]:
+def _batch(cfg, tokenizer: WordTokenizer, generator: torch.Generator, num_ids: int
+           ) -> tuple[dict, dict]:
     """Random source and target batches of the configured shapes."""
     b, h, w, length = (cfg.train.batch_size, cfg.data.image_height, cfg.data.image_width,
                        cfg.data.text_length)
 
     def captions():
-        ids = torch.randint(4, vocab, (b, length), generator=generator)
-        ids[:, 0], ids[:, -1] = 1, 3                                 # bos ... eos
-        return ids, torch.ones(b, length, dtype=torch.int64)
+        words = torch.randint(len(tokenizer.words), (b, length - 2), generator=generator)
+        return tokenizer.encode([" ".join(tokenizer.words[i] for i in row) for row in words],
+                                length)[:2]
 
     ids, mask = captions()
     source = {"images": torch.randn(b, 3, h, w, generator=generator), "input_ids": ids,
@@ -73,14 +76,6 @@ def _fill(client: MemoryClient, cfg, dim: int, num_items: int) -> None:
             client.push(modality, torch.randn(n, dim), domain, labels,
                         torch.randint(0, num_items, (n,)))
     client.flush()
-
-
-def _read(client: MemoryClient, actor, cfg):
-    import ray
-
-    client.flush()
-    number = ray.get(actor.publish.remote())
-    return memory_view(client.snapshot(number), cfg.gckd.memory_nodes, torch.device("cpu"))
 
 
 def measure(cfg, steps: int) -> dict:
@@ -112,9 +107,9 @@ def measure(cfg, steps: int) -> dict:
         for step in range(steps + 2):                        # 2 warm-up steps, not timed
             start = time.perf_counter()
             if step % cfg.gckd.snapshot_every == 0:
-                view = _read(client, actor, cfg)
+                view = read_memory(client, actor, False, cfg, 0, torch.device("cpu"))
                 snapshot.append(time.perf_counter() - start)
-            source, target = _batch(cfg, tokenizer.vocab_size, generator, num_ids)
+            source, target = _batch(cfg, tokenizer, generator, num_ids)
             start = time.perf_counter()
             out = model(source, target, view, adapt=True)
             optimizer.zero_grad(set_to_none=True)
@@ -122,15 +117,10 @@ def measure(cfg, steps: int) -> dict:
             optimizer.step()
             model.ema_step()
             compute.append(time.perf_counter() - start)
+            rows = torch.arange(len(source["pids"]))     # the batch is its own source split
+            split = SimpleNamespace(labels=source["pids"], image_of=rows)
             start = time.perf_counter()
-            for modality, key, domain in (("image", "src_image", SOURCE),
-                                          ("text", "src_text", SOURCE),
-                                          ("image", "tgt_image", TARGET),
-                                          ("text", "tgt_text", TARGET)):
-                feats = out.teacher[key]
-                labels = (source["pids"] if domain == SOURCE
-                          else torch.full((len(feats),), -1, dtype=torch.int64))
-                client.push(modality, feats, domain, labels, torch.arange(len(feats)))
+            push_teacher(client, out.teacher, split, rows, target)
             push.append(time.perf_counter() - start)
             node_count = 4 * cfg.train.batch_size + len(view.graph_nodes)
         client.flush()

@@ -143,8 +143,8 @@ def gckd_epoch(model, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
             inner.ema_step()
         push_teacher(pusher, out.teacher, split, idx, tgt)
         for name, value in {**out.losses, **out.stats}.items():
-            # .item() of a detached tensor: float() of one that requires grad warns every run.
-            value = value.detach().item() if isinstance(value, torch.Tensor) else float(value)
+            # .item(), not float(): float() of a tensor that requires grad warns every run.
+            value = value.item() if isinstance(value, torch.Tensor) else value
             sums[name] = sums.get(name, 0.0) + value
         if rank == 0 and (step + 1) % cfg.train.log_every == 0:
             log_progress(epoch, cfg.train.epochs, step, len(batches), sums,
