@@ -119,6 +119,9 @@ class GCKDConfig:
     # the runner-up by bridge_margin in cosine (0: the most similar one, if similar enough).
     vocab_bridge: bool = True
     bridge_margin: float = 0.0
+    # Adaptation phase: the student sees a stronger view (zoom, colour jitter, noise) of each
+    # image the teacher sees plainly (data/transforms.py TrainAugment.strong).
+    strong_views: bool = True
 
 
 @dataclass

@@ -9,14 +9,23 @@ CLIP-normalised float32 last. Training = ``normalize(augment(batch))``; evaluati
 Augmentation follows IRRA's training transform: random horizontal flip (p=0.5), zero padding
 (10 px at IRRA's 384x128, scaled with the image height), random crop back to (H, W). IRRA's
 random erasing is not included.
+
+:meth:`TrainAugment.strong` is the student's view in GCKD's adaptation phase (the teacher keeps
+the plain view): a random zoom with independent horizontal and vertical scale (person shape and
+canvas aspect differ between datasets) and a mild photometric jitter (hue rotation, saturation,
+per-channel gain, brightness, pixel noise), so distillation from the teacher's view teaches
+invariance to camera and framing. Hue stays within +-8 degrees: clothing colours, the words
+captions use most, are ~30 degrees apart.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import PIL.Image
 import torch
+import torch.nn.functional as F
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -102,9 +111,56 @@ class TrainAugment:
         crop = padded.permute(0, 2, 3, 1)[batch, rows.view(b, h, 1), cols.view(b, 1, w)]
         return crop.permute(0, 3, 1, 2).contiguous()  # (B, H, W, 3) -> (B, 3, H, W)
 
+    def strong(self, images: torch.Tensor, zoom: tuple[float, float] = (0.8, 1.25),
+               hue_degrees: float = 8.0, saturation: tuple[float, float] = (0.85, 1.1),
+               gain: float = 0.06, brightness: float = 0.15, noise: float = 4.0) -> torch.Tensor:
+        """A stronger view of (B, 3, H, W) uint8 images (usually ``self(images)``), same shape.
+
+        Per image: horizontal and vertical zoom factors drawn independently from ``zoom``
+        (bilinear resampling, border pixels repeated), a hue rotation about the gray axis
+        within +-``hue_degrees``, saturation scaled in ``saturation``, each channel's gain in
+        1 +- ``gain``, brightness in 1 +- ``brightness`` and Gaussian pixel noise with a std
+        drawn in [0, ``noise``] (0..255 units). Draws come from this object's generator.
+        """
+        if images.dim() != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"TrainAugment.strong expects (B, 3, H, W) uint8, got "
+                             f"{tuple(images.shape)} {images.dtype}")
+        b, device = images.shape[0], images.device
+        g = self.generator
+        u = torch.rand(b, 8, generator=g)  # (B, 8) uniforms, one column per factor
+        log_lo, log_hi = math.log(zoom[0]), math.log(zoom[1])
+        scale = (log_lo + (log_hi - log_lo) * u[:, :2]).exp()  # (B, 2) x, y zoom
+        hue = (2 * u[:, 2] - 1) * math.radians(hue_degrees)
+        sat = saturation[0] + (saturation[1] - saturation[0]) * u[:, 3]
+        gains = 1 + (2 * u[:, 4:7] - 1) * gain  # (B, 3)
+        gains = gains * (1 + (2 * u[:, 7:8] - 1) * brightness)
+        noise_std = torch.rand(b, generator=g) * noise
+        noise_draw = torch.randn(images.shape, generator=g)
+        colour = gains[:, :, None] * _hue_saturation_matrix(hue, sat)  # (B, 3, 3)
+
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 1, 1] = 1 / scale[:, 0], 1 / scale[:, 1]
+        x = images.float()
+        grid = F.affine_grid(theta.to(device), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        x = torch.einsum("bij,bjhw->bihw", colour.to(device), x)
+        x = x + noise_std.to(device).view(b, 1, 1, 1) * noise_draw.to(device)
+        return x.round_().clamp_(0, 255).to(torch.uint8)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Generator state, so a resumed run continues the same augmentation stream."""
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
+
+
+def _hue_saturation_matrix(hue: torch.Tensor, saturation: torch.Tensor) -> torch.Tensor:
+    """(B,) hue rotations (radians) and saturation factors -> (B, 3, 3) RGB matrices: rotation
+    about the gray axis (brightness kept), then scaling of the chroma about the gray level."""
+    gray = torch.full((3, 3), 1 / 3)
+    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]]) / math.sqrt(3)
+    cos, sin = hue.cos().view(-1, 1, 1), hue.sin().view(-1, 1, 1)
+    rotation = cos * torch.eye(3) + sin * cross + (1 - cos) * gray  # Rodrigues about (1,1,1)
+    chroma = saturation.view(-1, 1, 1) * (torch.eye(3) - gray) + gray
+    return chroma @ rotation

@@ -58,13 +58,21 @@ class TargetFeed:
             return batches
         return [(self.target.image_of[captions], captions) for _, captions in batches]
 
-    def batch(self, image_rows: torch.Tensor, text_rows: torch.Tensor, augment,
+    def batch(self, image_rows: torch.Tensor, text_rows: torch.Tensor, augment, strong: bool,
               device: torch.device) -> dict[str, torch.Tensor]:
         ids, mask = self.target.captions.take(text_rows)
-        images = augment(self.target.images.fetch(image_rows).to(device))
-        return {"images": normalize(images), "image_rows": image_rows.to(device),
-                "input_ids": ids.to(device), "attention_mask": mask.to(device),
-                "text_rows": text_rows.to(device)}
+        return {**views(self.target.images.fetch(image_rows).to(device), augment, strong),
+                "image_rows": image_rows.to(device), "input_ids": ids.to(device),
+                "attention_mask": mask.to(device), "text_rows": text_rows.to(device)}
+
+
+def views(images: torch.Tensor, augment, strong: bool) -> dict[str, torch.Tensor]:
+    """Normalised ``images`` for the student and, with ``strong``, ``teacher_images``: the
+    teacher keeps the plain augmented view, the student gets a stronger view of it."""
+    plain = augment(images)
+    if not strong:
+        return {"images": normalize(plain)}
+    return {"images": normalize(augment.strong(plain)), "teacher_images": normalize(plain)}
 
 
 def push_teacher(client: MemoryClient | None, teacher: dict[str, torch.Tensor],
@@ -129,6 +137,7 @@ def gckd_epoch(model, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
     batches = sampler.epoch(epoch)
     targets = feed.epoch(epoch, len(batches))
     adapt = epoch >= cfg.gckd.warmup_epochs
+    strong = adapt and cfg.gckd.strong_views
     view, sums, start = None, {}, time.perf_counter()
     pusher = memory if rank == 0 else None
     for step, (idx, (image_rows, text_rows)) in enumerate(zip(batches, targets)):
@@ -136,8 +145,8 @@ def gckd_epoch(model, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
             view = read_memory(memory, actor, refresh_due(epoch, step, len(batches), cfg), cfg,
                                rank, device)
         src = to_device(split.batch(idx), device)
-        src["images"] = normalize(augment(src["images"]))
-        tgt = feed.batch(image_rows, text_rows, augment, device)
+        src.update(views(src.pop("images"), augment, strong))
+        tgt = feed.batch(image_rows, text_rows, augment, strong, device)
         out = model(src, tgt, view, adapt)
         if engine_step(model, out.losses["loss"]):
             inner.ema_step()

@@ -91,7 +91,8 @@ class GCKDDistiller(nn.Module):
                 memory: MemoryView | None, adapt: bool) -> StepOutput:
         """source: images (B,3,H,W), input_ids/attention_mask (B,L), pids (B,);
         target: images (Bi,3,H,W), image_rows (Bi,), input_ids/attention_mask (Bt,L),
-        text_rows (Bt,) - unpaired, no ids."""
+        text_rows (Bt,) - unpaired, no ids. Either may carry ``teacher_images``, the teacher's
+        view of the same images (default: the student's)."""
         teacher = self._teacher_features(source, target)
         with_tokens = adapt and self.matching is not None
         s_img, s_txt, s_tok = self._student(source, SOURCE, with_tokens)          # (B, D)
@@ -132,9 +133,9 @@ class GCKDDistiller(nn.Module):
         """Teacher features of the step; they also move the student's domain means, which then
         centre teacher and student alike (the teacher gets the means at the next EMA step)."""
         t = self.teacher.module
-        raw = {(SOURCE, IMAGE): t.encode_image(source["images"]),
+        raw = {(SOURCE, IMAGE): t.encode_image(source.get("teacher_images", source["images"])),
                (SOURCE, TEXT): t.encode_text(source["input_ids"], source["attention_mask"]),
-               (TARGET, IMAGE): t.encode_image(target["images"]),
+               (TARGET, IMAGE): t.encode_image(target.get("teacher_images", target["images"])),
                (TARGET, TEXT): t.encode_text(target["input_ids"], target["attention_mask"])}
         centring = self.encoder.centring
         if self.gckd.domain_centring:

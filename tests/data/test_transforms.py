@@ -110,3 +110,41 @@ def test_augment_state_dict_resumes_the_stream():
 def test_augment_rejects_float_input():
     with pytest.raises(ValueError):
         TrainAugment()(_batch().float())
+
+
+def test_strong_view_shape_dtype_determinism_and_strength():
+    images = _batch(b=8, h=32, w=16)
+    first, again = TrainAugment(seed=4), TrainAugment(seed=4)
+    out = first.strong(images)
+    assert out.shape == images.shape and out.dtype == torch.uint8
+    assert again.strong(images).equal(out)  # same seed, same view
+    assert not first.strong(images).equal(out)  # the shared stream advances
+    # Every factor at its identity value: zoom 1, no hue, saturation 1, no gain, no noise.
+    identity = TrainAugment(seed=4).strong(images, zoom=(1.0, 1.0), hue_degrees=0.0,
+                                           saturation=(1.0, 1.0), gain=0.0, brightness=0.0,
+                                           noise=0.0)
+    assert identity.equal(images)
+
+
+def test_strong_view_keeps_gray_gray_and_moves_colours_within_bounds():
+    gray = torch.full((16, 3, 8, 4), 120, dtype=torch.uint8)
+    out = TrainAugment(seed=1).strong(gray, gain=0.0, brightness=0.0, noise=0.0)
+    assert out.equal(gray)  # hue rotation and saturation leave the gray axis fixed
+    red = torch.tensor([196, 32, 38], dtype=torch.uint8).view(1, 3, 1, 1).repeat(64, 1, 8, 4)
+    out = TrainAugment(seed=2).strong(red, zoom=(1.0, 1.0), noise=0.0).float()
+    assert (out[:, 0] > out[:, 1] + 100).all()  # still clearly red after the jitter
+
+
+def test_strong_view_zoom_stretches_horizontally():
+    # A centred vertical bar of width 4 in a width-16 image; zoom x in [1.5, 1.5] widens it.
+    bar = torch.zeros(1, 3, 8, 16, dtype=torch.uint8)
+    bar[..., 6:10] = 255
+    out = TrainAugment(seed=0).strong(bar, zoom=(1.5, 1.5), hue_degrees=0.0,
+                                      saturation=(1.0, 1.0), gain=0.0, brightness=0.0,
+                                      noise=0.0)
+    assert int((out[0, 0, 4] > 127).sum()) == 6
+
+
+def test_strong_view_rejects_float_input():
+    with pytest.raises(ValueError, match="uint8"):
+        TrainAugment().strong(torch.zeros(1, 3, 4, 4))

@@ -112,3 +112,18 @@ def test_matching_head_trains_on_source_pairs_and_target_pseudo_pairs():
     assert all(p.grad is not None for p in model.matching.parameters())
     _, random_negatives, *_ = _setup("matching.hard_negatives=false")
     assert torch.isfinite(random_negatives(source, target, _memory(), adapt=True).losses["itm"])
+
+
+def test_teacher_reads_its_own_view_and_student_the_strong_one():
+    cfg, model, source, target = _setup()
+    plain = model(source, target, None, adapt=True)
+    # The student's view changes; the teacher's (teacher_images) stays the plain one.
+    strong_source = {**source, "images": source["images"] + 0.5,
+                     "teacher_images": source["images"]}
+    strong_target = {**target, "images": target["images"] - 0.5,
+                     "teacher_images": target["images"]}
+    _, model_again, *_ = _setup()
+    views = model_again(strong_source, strong_target, None, adapt=True)
+    for key in plain.teacher:
+        torch.testing.assert_close(views.teacher[key], plain.teacher[key])
+    assert not torch.isclose(views.losses["loss"], plain.losses["loss"])
