@@ -446,6 +446,7 @@ KEY_HELP: dict[str, str] = {
     "gckd.vocab_bridge": "alias target-only caption words to source words used in the same "
                          "contexts (word vocabulary only)",
     "gckd.bridge_margin": "cosine lead over the runner-up needed to alias a word",
+    "gckd.strong_views": "adaptation: student sees a stronger view than the teacher",
     "graph.enabled": "ablation: graph propagation (GMP) on/off",
     "graph.k": "neighbours per node of the step's kNN graph",
     "graph.num_layers": "message-passing layers of the propagation network",
