@@ -32,12 +32,15 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "gckd_no_hard_negatives": ("method=gckd", "matching.hard_negatives=false"),
     "gckd_no_centring": ("method=gckd", "gckd.domain_centring=false"),
     "gckd_no_bridge": ("method=gckd", "gckd.vocab_bridge=false"),
+    "gckd_no_strong_views": ("method=gckd", "gckd.strong_views=none"),
+    # Augmentation alone: teacher and student see the same strong view.
+    "gckd_strong_views_both": ("method=gckd", "gckd.strong_views=both"),
     # Plain self-training: the teacher's own distribution over in-batch keys; no graph, no
-    # memory, no pseudo-ids, no matching head, no domain centring, no lexical bridge.
+    # memory, no pseudo-ids, no matching head, no domain centring, no lexical bridge, one view.
     "self_training": ("method=gckd", "graph.enabled=false", "gckd.use_memory=false",
                       "gckd.use_pseudo_ids=false", "matching.enabled=false",
                       "gckd.domain_centring=false", "gckd.vocab_bridge=false",
-                      "distill.alpha=0.0"),
+                      "gckd.strong_views=none", "distill.alpha=0.0"),
     # The easier variant: target pairs known (ids still unknown).
     "gckd_paired": ("method=gckd", "data.target.paired=true"),
 }

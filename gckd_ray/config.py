@@ -20,6 +20,7 @@ import yaml
 
 METHODS = ("gckd", "source_only", "oracle")
 DISTILL_MODES = ("cmkd", "none")
+STRONG_VIEWS = ("student", "both", "none")
 DATASET_NAMES = ("cuhk-pedes", "icfg-pedes", "rstpreid", "synth-cuhk", "synth-icfg", "synth-rstp")
 BAD_RECORD_POLICIES = ("error", "skip")
 
@@ -119,9 +120,10 @@ class GCKDConfig:
     # the runner-up by bridge_margin in cosine (0: the most similar one, if similar enough).
     vocab_bridge: bool = True
     bridge_margin: float = 0.0
-    # Adaptation phase: the student sees a stronger view (zoom, colour jitter, noise) of each
-    # image the teacher sees plainly (data/transforms.py TrainAugment.strong).
-    strong_views: bool = True
+    # Adaptation phase, data/transforms.py TrainAugment.strong: "student" = the student sees a
+    # stronger view (zoom, colour jitter, noise) of each image the teacher sees plainly;
+    # "both" = teacher and student see the same strong view (augmentation alone); "none".
+    strong_views: str = "student"
 
 
 @dataclass
@@ -231,6 +233,7 @@ class Config:
         _one_of("data.target.name", self.data.target.name, DATASET_NAMES)
         _one_of("data.on_bad_record", self.data.on_bad_record, BAD_RECORD_POLICIES)
         _one_of("distill.mode", self.distill.mode, DISTILL_MODES)
+        _one_of("gckd.strong_views", self.gckd.strong_views, STRONG_VIEWS)
         for key in ("data.image_height", "data.image_width", "data.text_length", "train.epochs",
                     "train.batch_size", "train.instances_per_id", "train.num_workers",
                     "model.embed_dim", "model.hidden_size", "model.num_layers", "model.num_heads",
@@ -446,7 +449,8 @@ KEY_HELP: dict[str, str] = {
     "gckd.vocab_bridge": "alias target-only caption words to source words used in the same "
                          "contexts (word vocabulary only)",
     "gckd.bridge_margin": "cosine lead over the runner-up needed to alias a word",
-    "gckd.strong_views": "adaptation: student sees a stronger view than the teacher",
+    "gckd.strong_views": "adaptation phase: student (strong view for the student, plain for "
+                         "the teacher), both (the same strong view), or none",
     "graph.enabled": "ablation: graph propagation (GMP) on/off",
     "graph.k": "neighbours per node of the step's kNN graph",
     "graph.num_layers": "message-passing layers of the propagation network",

@@ -50,6 +50,7 @@ def test_yaml_then_overrides(tmp_path):
     (["epochs"], "must look like key.sub=value"),
     (["gckd.centring_momentum=1.5"], "gckd.centring_momentum: must be in [0, 1]"),
     (["distill.mode=kd"], "distill.mode: must be one of cmkd, none"),
+    (["gckd.strong_views=teacher"], "gckd.strong_views: must be one of student, both, none"),
     (["distill.alpha=1.5"], "distill.alpha: must be in [0, 1]"),
     (["graph.k=0"], "graph.k: must be > 0"),
     (["gckd.queue_size=32"], "gckd.queue_size: must be >= train.batch_size"),

@@ -58,7 +58,7 @@ class TargetFeed:
             return batches
         return [(self.target.image_of[captions], captions) for _, captions in batches]
 
-    def batch(self, image_rows: torch.Tensor, text_rows: torch.Tensor, augment, strong: bool,
+    def batch(self, image_rows: torch.Tensor, text_rows: torch.Tensor, augment, strong: str,
               device: torch.device) -> dict[str, torch.Tensor]:
         ids, mask = self.target.captions.take(text_rows)
         return {**views(self.target.images.fetch(image_rows).to(device), augment, strong),
@@ -66,13 +66,15 @@ class TargetFeed:
                 "attention_mask": mask.to(device), "text_rows": text_rows.to(device)}
 
 
-def views(images: torch.Tensor, augment, strong: bool) -> dict[str, torch.Tensor]:
-    """Normalised ``images`` for the student and, with ``strong``, ``teacher_images``: the
-    teacher keeps the plain augmented view, the student gets a stronger view of it."""
+def views(images: torch.Tensor, augment, strong: str) -> dict[str, torch.Tensor]:
+    """Normalised ``images`` for the student and, with ``strong="student"``,
+    ``teacher_images``: the teacher keeps the plain augmented view, the student gets a stronger
+    view of it. ``"both"``: one strong view for both; ``"none"``: the plain view only."""
     plain = augment(images)
-    if not strong:
+    if strong == "none":
         return {"images": normalize(plain)}
-    return {"images": normalize(augment.strong(plain)), "teacher_images": normalize(plain)}
+    view = normalize(augment.strong(plain))
+    return {"images": view, "teacher_images": normalize(plain) if strong == "student" else view}
 
 
 def push_teacher(client: MemoryClient | None, teacher: dict[str, torch.Tensor],
@@ -137,7 +139,7 @@ def gckd_epoch(model, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
     batches = sampler.epoch(epoch)
     targets = feed.epoch(epoch, len(batches))
     adapt = epoch >= cfg.gckd.warmup_epochs
-    strong = adapt and cfg.gckd.strong_views
+    strong = cfg.gckd.strong_views if adapt else "none"
     view, sums, start = None, {}, time.perf_counter()
     pusher = memory if rank == 0 else None
     for step, (idx, (image_rows, text_rows)) in enumerate(zip(batches, targets)):

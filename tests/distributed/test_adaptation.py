@@ -6,7 +6,8 @@ import torch
 
 from gckd_ray.config import load_config
 from gckd_ray.data.datasets import Captions, UnpairedTarget
-from gckd_ray.distributed.adaptation import TargetFeed
+from gckd_ray.data.transforms import TrainAugment, normalize
+from gckd_ray.distributed.adaptation import TargetFeed, views
 
 
 def _target(image_of=None):
@@ -20,6 +21,19 @@ def test_unpaired_feed_draws_images_and_captions_independently():
     steps = TargetFeed(_target(), cfg, rank=0, world=1).epoch(0, steps=3)
     assert len(steps) == 3 and all(len(i) == len(c) == 4 for i, c in steps)
     assert not all(torch.equal(i, c % 5) for i, c in steps)
+
+
+def test_views_give_the_teacher_the_plain_view_only_in_student_mode():
+    images = torch.randint(0, 256, (4, 3, 16, 8), dtype=torch.uint8)
+    plain = TrainAugment(seed=1)(images)
+    none = views(images, TrainAugment(seed=1), "none")
+    assert set(none) == {"images"} and none["images"].equal(normalize(plain))
+    student = views(images, TrainAugment(seed=1), "student")
+    assert student["teacher_images"].equal(normalize(plain))
+    assert not student["images"].equal(student["teacher_images"])
+    both = views(images, TrainAugment(seed=1), "both")
+    assert both["images"].equal(student["images"])  # the same strong draw
+    assert both["teacher_images"].equal(both["images"])
 
 
 def test_paired_feed_brings_each_captions_own_image():
