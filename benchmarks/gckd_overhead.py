@@ -29,11 +29,10 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback, bef
 
 import torch  # noqa: E402
 
+from benchmarks.common import (NUM_IDS, benchmark_tokenizer, filled_memory_actor,  # noqa: E402
+                               median_seconds, random_batches)
 from gckd_ray.config import load_config  # noqa: E402
-from gckd_ray.data.tokenizer import WordTokenizer  # noqa: E402
 from gckd_ray.distributed.adaptation import push_teacher, read_memory  # noqa: E402
-from gckd_ray.distributed.memory import (  # noqa: E402
-    SOURCE, TARGET, MemoryClient, create_memory_actor)
 from gckd_ray.model.gckd import build_gckd  # noqa: E402
 from gckd_ray.model.graph import knn_edges  # noqa: E402
 
@@ -41,67 +40,17 @@ SMOKE = ("train.batch_size=8", "gckd.queue_size=64", "gckd.memory_nodes=8",
          "model.hidden_size=32", "model.embed_dim=32", "model.num_layers=1", "model.num_heads=2")
 
 
-def _batch(cfg, tokenizer: WordTokenizer, generator: torch.Generator, num_ids: int
-           ) -> tuple[dict, dict]:
-    """Random source and target batches of the configured shapes."""
-    b, h, w, length = (cfg.train.batch_size, cfg.data.image_height, cfg.data.image_width,
-                       cfg.data.text_length)
-
-    def captions():
-        words = torch.randint(len(tokenizer.words), (b, length - 2), generator=generator)
-        return tokenizer.encode([" ".join(tokenizer.words[i] for i in row) for row in words],
-                                length)[:2]
-
-    ids, mask = captions()
-    source = {"images": torch.randn(b, 3, h, w, generator=generator), "input_ids": ids,
-              "attention_mask": mask,
-              "pids": torch.randint(0, num_ids, (b // 2,), generator=generator).repeat(2)}
-    ids, mask = captions()
-    target = {"images": torch.randn(b, 3, h, w, generator=generator), "input_ids": ids,
-              "attention_mask": mask,
-              "image_rows": torch.randint(0, 4 * num_ids, (b,), generator=generator),
-              "text_rows": torch.randint(0, 4 * num_ids, (b,), generator=generator)}
-    return source, target
-
-
-def _fill(client: MemoryClient, cfg, dim: int, num_items: int) -> None:
-    """Fill both queues to queue_size, half source, half target."""
-    chunk = max(cfg.train.batch_size, min(256, cfg.gckd.queue_size // 2))
-    for start in range(0, cfg.gckd.queue_size, chunk):
-        n = min(chunk, cfg.gckd.queue_size - start)
-        domain = SOURCE if (start // chunk) % 2 == 0 else TARGET
-        labels = (torch.randint(0, 100, (n,)) if domain == SOURCE
-                  else torch.full((n,), -1, dtype=torch.int64))
-        for modality in ("image", "text"):
-            client.push(modality, torch.randn(n, dim), domain, labels,
-                        torch.randint(0, num_items, (n,)))
-    client.flush()
-
-
 def measure(cfg, steps: int) -> dict:
     import ray
 
     torch.manual_seed(cfg.run.seed)
-    tokenizer = WordTokenizer([f"w{i}" for i in range(200)])
-    num_ids = 500
-    model = build_gckd(cfg, tokenizer, num_classes=num_ids)
+    tokenizer = benchmark_tokenizer()
+    model = build_gckd(cfg, tokenizer, num_classes=NUM_IDS)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.train.lr)
     dim = model.encoder.embed_dim
-    own_ray = not ray.is_initialized()
-    if own_ray:
-        ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1",
-                 include_dashboard=False, logging_level="WARNING")
-    actor = None
-    try:
-        actor = create_memory_actor(
-            "gckd-overhead-benchmark", dim=dim, queue_size=cfg.gckd.queue_size,
-            num_target_images=4 * num_ids, num_target_texts=4 * num_ids, restore_from="",
-            pseudo_k=cfg.gckd.pseudo_k, pseudo_threshold=cfg.gckd.pseudo_threshold,
-            pseudo_center=cfg.gckd.pseudo_center, faiss_threads=1, seed=cfg.run.seed)
-        client = MemoryClient(actor)
-        _fill(client, cfg, dim, 4 * num_ids)
-        refresh_s = _timed(lambda: ray.get(actor.refresh_pseudo_ids.remote()), 3)
+    with filled_memory_actor(cfg, dim, "gckd-overhead-benchmark") as (client, actor):
+        refresh_s = median_seconds(lambda: ray.get(actor.refresh_pseudo_ids.remote()), 3)
         generator = torch.Generator().manual_seed(cfg.run.seed)
         compute, push, snapshot, view, node_count = [], [], [], None, 0
         for step in range(steps + 2):                        # 2 warm-up steps, not timed
@@ -109,7 +58,7 @@ def measure(cfg, steps: int) -> dict:
             if step % cfg.gckd.snapshot_every == 0:
                 view = read_memory(client, actor, False, cfg, 0, torch.device("cpu"))
                 snapshot.append(time.perf_counter() - start)
-            source, target = _batch(cfg, tokenizer, generator, num_ids)
+            source, target = random_batches(cfg, tokenizer, generator)
             start = time.perf_counter()
             out = model(source, target, view, adapt=True)
             optimizer.zero_grad(set_to_none=True)
@@ -124,26 +73,10 @@ def measure(cfg, steps: int) -> dict:
             push.append(time.perf_counter() - start)
             node_count = 4 * cfg.train.batch_size + len(view.graph_nodes)
         client.flush()
-    finally:
-        if actor is not None:
-            ray.kill(actor)
-        if own_ray:
-            ray.shutdown()
     nodes = torch.nn.functional.normalize(torch.randn(node_count, dim), dim=1)
-    knn_s = _timed(lambda: knn_edges(nodes, min(cfg.graph.k, node_count - 1)), 20)
+    knn_s = median_seconds(lambda: knn_edges(nodes, min(cfg.graph.k, node_count - 1)), 20)
     return _summary(cfg, compute[2:], push[2:], snapshot[1:] or snapshot, refresh_s, knn_s,
                     node_count)
-
-
-def _timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _summary(cfg, compute, push, snapshot, refresh_s, knn_s, node_count) -> dict:

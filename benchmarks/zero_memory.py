@@ -54,43 +54,22 @@ def _storages(obj, seen_objs: set[int], out: dict[int, int], depth: int = 0) -> 
         _storages(item, seen_objs, out, depth + 1)
 
 
-# (text width, layers, heads, vocab, length), (vision width, layers, heads, image, patch),
-# projection dim, training image size (H, W).
-_SIZES = {
-    "vit-b/16": ((512, 12, 8, 49408, 77), (768, 12, 12, 224, 16), 512, (384, 128)),
-    "smoke": ((32, 1, 2, 100, 16), (32, 1, 2, 32, 8), 16, (32, 16)),
-}
-
-
-def _clip_config(smoke: bool):
-    """(CLIPConfig, training image size, text length) of the benchmark's model."""
-    from transformers import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-
-    (tw, tl, th, vocab, length), (vw, vl, vh, image, patch), dim, size = _SIZES[
-        "smoke" if smoke else "vit-b/16"]
-    text = CLIPTextConfig(vocab_size=vocab, hidden_size=tw, intermediate_size=4 * tw,
-                          num_hidden_layers=tl, num_attention_heads=th,
-                          max_position_embeddings=length)
-    vision = CLIPVisionConfig(hidden_size=vw, intermediate_size=4 * vw, num_hidden_layers=vl,
-                              num_attention_heads=vh, image_size=image, patch_size=patch)
-    return (CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                       projection_dim=dim), size, length)
-
-
 def _worker(rank: int, world: int, port: int, stage: int, smoke: bool, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     from transformers import CLIPModel
 
+    from benchmarks.common import clip_config
     from gckd_ray.config import load_config
     from gckd_ray.distributed.deepspeed_config import build_engine
     from gckd_ray.model.encoders import DualEncoder
     from gckd_ray.model.gckd import GCKDDistiller
     from gckd_ray.model.losses import SourceLoss
 
-    clip_cfg, image_size, text_length = _clip_config(smoke)
-    cfg = load_config(None, [f"deepspeed.zero_stage={stage}", "train.batch_size=2",
+    clip_cfg, image_size, text_length = clip_config("smoke" if smoke else "vit-b/16")
+    # graph.k=5: a batch of 2 per domain gives the step graph 8 nodes (k <= 7; memory unused).
+    cfg = load_config(None, [f"deepspeed.zero_stage={stage}", "train.batch_size=2", "graph.k=5",
                              "train.instances_per_id=2", f"data.text_length={text_length}",
                              f"data.image_height={image_size[0]}",
                              f"data.image_width={image_size[1]}"])

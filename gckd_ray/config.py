@@ -9,6 +9,7 @@ nothing from the rest of the package.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 METHODS = ("gckd", "source_only", "oracle")
-DISTILL_MODES = ("cmkd", "none")
+DISTILL_MODES = ("cmkd", "mnf_csc", "none")
 STRONG_VIEWS = ("student", "both", "none")
 DATASET_NAMES = ("cuhk-pedes", "icfg-pedes", "rstpreid", "synth-cuhk", "synth-icfg", "synth-rstp")
 BAD_RECORD_POLICIES = ("error", "skip")
@@ -82,6 +83,11 @@ class LossWeights:
     cmkd: float = 1.0
     gmp: float = 0.5
     itm: float = 0.5
+    # distill.mode=mnf_csc (model/mnf_csc.py): the CSC loss, and the noise filter's triplet
+    # and L1 regularisers (the original adds the triplet unweighted, L1 with weight 1e-3).
+    csc: float = 1.0
+    mnf_triplet: float = 1.0
+    mnf_l1: float = 1e-3
 
 
 @dataclass
@@ -140,6 +146,15 @@ class DistillConfig:
     tau_s: float = 0.07
     tau_t: float = 0.07
     alpha: float = 0.4
+    # mnf_csc mode (model/mnf_csc.py). Gate MLP width; 0 = half the embedding size, as the
+    # original's filter.
+    mnf_hidden: int = 0
+    mnf_margin: float = 0.2
+    # Pair temperature tau_ij = clamp(cos(s_i, t_j) + csc_tau0, csc_tau_min, csc_tau_max);
+    # the floor keeps it positive for dissimilar pairs.
+    csc_tau0: float = 0.07
+    csc_tau_min: float = 0.05
+    csc_tau_max: float = 1.0
 
 
 @dataclass
@@ -172,6 +187,9 @@ class TrainConfig:
     # Worker failures survived by restoring the last checkpoint.
     max_failures: int = 2
     log_every: int = 20
+    # Target training images and captions (each drawn independently, no pairing) encoded after
+    # every epoch for the label-free selection criterion target_mnn; 0 = off.
+    label_free_samples: int = 1000
 
 
 @dataclass
@@ -194,6 +212,34 @@ class RunConfig:
     stop_after_epochs: int = 0
 
 
+def _default_search_space() -> dict[str, dict[str, list]]:
+    return {"distill.tau_s": {"loguniform": [0.03, 0.2]},
+            "distill.tau_t": {"loguniform": [0.03, 0.2]},
+            "distill.alpha": {"uniform": [0.2, 0.6]},
+            "graph.k": {"grid": [5, 10]}}
+
+
+@dataclass
+class TuneConfig:
+    """``python -m gckd_ray.tune``: search space and scheduler; training ignores it.
+
+    ``search_space`` maps a dotted config key to one sampler: ``{grid: [...]}`` (every value,
+    times ``num_samples``), ``{choice: [...]}``, ``{uniform: [lo, hi]}``,
+    ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}`` (hi exclusive)."""
+
+    search_space: dict = field(default_factory=_default_search_space)
+    num_samples: int = 2
+    # Trials at a time; 0 = as many as the cluster's CPUs fit.
+    max_concurrent_trials: int = 0
+    # ASHA: first rung this many epochs after gckd.warmup_epochs (before it, trials that differ
+    # only in adaptation knobs are identical), then every reduction_factor x further.
+    grace_epochs: int = 2
+    reduction_factor: float = 2.0
+    # Rank by target test R@1 (research only; needs target labels) instead of target_mnn.
+    oracle_metric: bool = False
+    max_failures: int = 1
+
+
 @dataclass
 class Config:
     method: str = "gckd"
@@ -207,6 +253,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     @property
     def protocol(self) -> str:
@@ -250,29 +297,44 @@ class Config:
                               f"({self.matching.num_heads}), got {self.matching.hidden}")
         for key in ("gckd.queue_size", "gckd.memory_nodes", "gckd.snapshot_every",
                     "gckd.pseudo_every", "gckd.pseudo_k", "graph.k", "graph.num_layers",
-                    "graph.temperature", "distill.tau_s", "distill.tau_t"):
+                    "graph.temperature", "distill.tau_s", "distill.tau_t",
+                    "distill.csc_tau0", "distill.csc_tau_min"):
             _positive(key, get_key(self, key))
+        if self.distill.csc_tau_max < self.distill.csc_tau_min:
+            raise ConfigError(f"distill.csc_tau_max: must be >= distill.csc_tau_min "
+                              f"({self.distill.csc_tau_min}), got {self.distill.csc_tau_max}")
         for key in ("gckd.momentum", "gckd.centring_momentum", "distill.alpha"):
             if not 0 <= get_key(self, key) <= 1:
                 raise ConfigError(f"{key}: must be in [0, 1], got {get_key(self, key)}")
-        if self.gckd.queue_size < self.train.batch_size:
-            raise ConfigError(f"gckd.queue_size: must be >= train.batch_size "
-                              f"({self.train.batch_size}), got {self.gckd.queue_size}")
+        if self.method == "gckd":
+            _check_step_sizes(self)
         for key in ("train.lr", "train.cpus_per_worker", "data.synth_scale", "loss.sdm_temperature",
                     "loss.itc_temperature"):
             _positive(key, get_key(self, key))
         for key in ("run.stop_after_epochs", "train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.max_failures",
                     "gckd.bridge_margin", "loss.weights.sdm", "loss.weights.itc", "loss.weights.id",
                     "loss.weights.cmkd", "loss.weights.gmp", "loss.weights.itm",
+                    "loss.weights.csc", "loss.weights.mnf_triplet", "loss.weights.mnf_l1",
+                    "distill.mnf_hidden", "distill.mnf_margin",
                     "matching.rerank_top_k", "matching.rerank_weight"):
             if get_key(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {get_key(self, key)}")
+        for key in ("train.label_free_samples", "tune.max_concurrent_trials",
+                    "tune.max_failures"):
+            if get_key(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {get_key(self, key)}")
+        _positive("tune.num_samples", self.tune.num_samples)
+        _positive("tune.grace_epochs", self.tune.grace_epochs)
+        if self.tune.reduction_factor <= 1:
+            raise ConfigError(f"tune.reduction_factor: must be > 1, got "
+                              f"{self.tune.reduction_factor}")
         if self.train.batch_size % self.train.instances_per_id:
             raise ConfigError(f"train.batch_size: must be a multiple of train.instances_per_id "
                               f"({self.train.instances_per_id}), got {self.train.batch_size}")
         if not self.model.pretrained and self.model.hidden_size % self.model.num_heads:
             raise ConfigError(f"model.hidden_size: must be divisible by model.num_heads "
                               f"({self.model.num_heads}), got {self.model.hidden_size}")
+        _check_other_ranges(self)
         return self
 
 
@@ -284,6 +346,38 @@ def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
 def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{key}: must be > 0, got {value}")
+
+
+def _check_step_sizes(cfg: Config) -> None:
+    """GCKD sizes that depend on the batch: a step's kNN graph and its memory pushes."""
+    batch, workers = cfg.train.batch_size, cfg.train.num_workers
+    nodes = 4 * batch  # the memory's nodes join only once its queues fill
+    if cfg.graph.enabled and cfg.graph.k >= nodes:
+        raise ConfigError(f"graph.k: must be in [1, {nodes - 1}] (a step's graph starts with "
+                          f"4 x train.batch_size = {nodes} nodes: source and target images and "
+                          f"captions), got {cfg.graph.k}")
+    pushed = 2 * batch * workers
+    if cfg.gckd.queue_size < pushed:
+        raise ConfigError(f"gckd.queue_size: must be >= 2 x train.batch_size x "
+                          f"train.num_workers = {pushed} (the source and target rows one step "
+                          f"pushes into each modality's queue), got {cfg.gckd.queue_size}")
+
+
+def _check_other_ranges(cfg: Config) -> None:
+    """Finite floats, and bounds the checks in ``validate`` leave out."""
+    for key, kind, _ in describe_keys(cfg):
+        if kind == "float" and not math.isfinite(get_key(cfg, key)):
+            raise ConfigError(f"{key}: must be a finite number, got {get_key(cfg, key)}")
+    for key in ("run.seed", "data.synth_seed", "gckd.warmup_epochs"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {get_key(cfg, key)}")
+    _positive("train.log_every", cfg.train.log_every)
+    if cfg.data.text_length < 2:
+        raise ConfigError(f"data.text_length: must be >= 2 (bos and eos tokens), got "
+                          f"{cfg.data.text_length}")
+    if not -1 <= cfg.gckd.pseudo_threshold <= 1:
+        raise ConfigError(f"gckd.pseudo_threshold: must be in [-1, 1] (a cosine), got "
+                          f"{cfg.gckd.pseudo_threshold}")
 
 
 def get_key(cfg: Any, dotted: str) -> Any:
@@ -316,6 +410,9 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     elif annotation in (int, bool, str):
         if type(value) is annotation:
             return value
+    elif annotation is dict:
+        if isinstance(value, dict):
+            return value  # free-form (tune.search_space); its user checks the entries
     else:
         raise ConfigError(f"{key}: unsupported field type {annotation}")
     name = getattr(annotation, "__name__", str(annotation))
@@ -394,7 +491,20 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     # Merge onto the full defaults so a partial nested mapping keeps its parent's defaults
     # (data.target.root=x must not reset data.target.name to DomainConfig's default).
     _build(Config, data)  # unknown keys and wrong types are reported against the user's input
-    return _build(Config, _merge(Config().to_dict(), data)).validate()
+    merged = _merge(Config().to_dict(), data)
+    _replace_free_form(Config, merged, data)
+    return _build(Config, merged).validate()
+
+
+def _replace_free_form(cls: type, merged: dict[str, Any], data: dict[str, Any]) -> None:
+    """A free-form mapping field given by the user replaces its default instead of merging
+    into it (a search space must be able to leave out a default key)."""
+    hints = typing.get_type_hints(cls)
+    for name, value in data.items():
+        if hints[name] is dict:
+            merged[name] = value
+        elif dataclasses.is_dataclass(hints[name]) and isinstance(value, dict):
+            _replace_free_form(hints[name], merged[name], value)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
@@ -430,6 +540,9 @@ KEY_HELP: dict[str, str] = {
     "loss.weights.cmkd": "contrastive momentum knowledge distillation (gckd)",
     "loss.weights.gmp": "graph-based multi-modal propagation (gckd)",
     "loss.weights.itm": "image-text matching head on source pairs and target pseudo-pairs (gckd)",
+    "loss.weights.csc": "contrastive semantic calibration (distill.mode=mnf_csc)",
+    "loss.weights.mnf_triplet": "noise filter triplet regulariser (distill.mode=mnf_csc)",
+    "loss.weights.mnf_l1": "noise filter L1 sparsity on its MLP weights (distill.mode=mnf_csc)",
     "loss.sdm_temperature": "SDM temperature (IRRA: 0.02)",
     "loss.itc_temperature": "ITC temperature",
     "gckd.momentum": "EMA momentum of the teacher",
@@ -455,10 +568,16 @@ KEY_HELP: dict[str, str] = {
     "graph.k": "neighbours per node of the step's kNN graph",
     "graph.num_layers": "message-passing layers of the propagation network",
     "graph.temperature": "temperature of graph smoothing and the GMP loss",
-    "distill.mode": "cmkd, or none (ablation: no distillation loss)",
+    "distill.mode": "cmkd, mnf_csc (noise filter + contrastive semantic calibration, "
+                    "model/mnf_csc.py), or none (ablation: no distillation loss)",
     "distill.tau_s": "student temperature of CMKD",
     "distill.tau_t": "teacher temperature of CMKD",
     "distill.alpha": "weight of the teacher distribution vs positives in the CMKD target",
+    "distill.mnf_hidden": "mnf_csc: hidden width of the gate MLP (0 = embedding size / 2)",
+    "distill.mnf_margin": "mnf_csc: triplet margin (purified teacher closer than raw)",
+    "distill.csc_tau0": "mnf_csc: offset of the pair temperature cos(s_i, t_j) + tau0",
+    "distill.csc_tau_min": "mnf_csc: lower clamp of the pair temperature",
+    "distill.csc_tau_max": "mnf_csc: upper clamp of the pair temperature",
     "matching.enabled": "ablation: cross-domain fine-grained matching head (gckd)",
     "matching.hard_negatives": "ablation: most similar other-id negatives (off: random ones)",
     "matching.hidden": "matching head width",
@@ -479,6 +598,9 @@ KEY_HELP: dict[str, str] = {
     "train.cpus_per_worker": "CPUs reserved per worker (also its torch threads)",
     "train.max_failures": "worker failures survived by restoring the last checkpoint",
     "train.log_every": "steps between progress lines",
+    "train.label_free_samples": "target training images and captions (drawn independently) "
+                                "scored each epoch by the label-free criterion target_mnn "
+                                "(0 = off)",
     "deepspeed.zero_stage": "ZeRO stage of the student and teacher (0: replicated, 1: optimizer "
                             "states, 2: + gradients, 3: + parameters sharded)",
     "deepspeed.gradient_accumulation_steps": "micro-batches per optimizer step",
@@ -488,6 +610,15 @@ KEY_HELP: dict[str, str] = {
     "run.seed": "seed of initialisation, sampling and augmentation",
     "run.output_dir": "results.json, checkpoints (ray/), tokenizer/ and memory/ go here",
     "run.resume": "continue the last run in run.output_dir from its latest checkpoint",
+    "tune.search_space": "gckd_ray.tune: dotted key -> {grid|choice: [values]} or "
+                         "{uniform|loguniform|randint: [lo, hi]}",
+    "tune.num_samples": "gckd_ray.tune: samples of the space (each grid point this many times)",
+    "tune.max_concurrent_trials": "gckd_ray.tune: trials at a time (0 = as many as fit)",
+    "tune.grace_epochs": "gckd_ray.tune: ASHA's first rung, in epochs after gckd.warmup_epochs",
+    "tune.reduction_factor": "gckd_ray.tune: ASHA reduction factor",
+    "tune.oracle_metric": "gckd_ray.tune: rank trials by target test R1 (uses target labels: "
+                          "research only) instead of the label-free target_mnn",
+    "tune.max_failures": "gckd_ray.tune: retries of a failed trial",
 }
 
 

@@ -33,7 +33,7 @@ import torch
 from gckd_ray.data.transforms import normalize
 from gckd_ray.model.centring import TARGET
 
-__all__ = ["retrieval_metrics", "retrieval_metrics_from_embeddings"]
+__all__ = ["mutual_nn_agreement", "retrieval_metrics", "retrieval_metrics_from_embeddings"]
 
 TOP_K = (1, 5, 10)
 _INT64_MAX = torch.iinfo(torch.int64).max
@@ -108,6 +108,28 @@ def retrieval_metrics_from_embeddings(
         torch.matmul(query[start:stop], gallery_t, out=scores)  # (c, G)
         ranker.add(start, stop, scores)
     return ranker.result()
+
+
+def mutual_nn_agreement(texts: Any, images: Any, chunk_size: int = 4096) -> float:
+    """Label-free cross-modal agreement: the share (percent) of captions whose nearest image
+    has that caption as its own nearest caption, over min(#captions, #images), the most
+    mutual pairs there can be. Needs no ids and no pairing.
+
+    Args:
+        texts: (N, D) caption embeddings; images: (M, D) image embeddings (normalised).
+    """
+    texts = _as_tensor(texts, "texts").float()
+    images = _as_tensor(images, "images").to(texts.device, torch.float32)
+    if texts.dim() != 2 or images.dim() != 2 or texts.shape[1] != images.shape[1] or \
+            not len(texts) or not len(images):
+        raise ValueError(f"need non-empty (N, D) texts and (M, D) images, got "
+                         f"{tuple(texts.shape)} and {tuple(images.shape)}")
+    nearest_image = torch.cat([(texts[i:i + chunk_size] @ images.T).argmax(1)
+                               for i in range(0, len(texts), chunk_size)])
+    nearest_text = torch.cat([(images[i:i + chunk_size] @ texts.T).argmax(1)
+                              for i in range(0, len(images), chunk_size)])
+    mutual = nearest_text[nearest_image] == torch.arange(len(texts), device=texts.device)
+    return 100.0 * float(mutual.sum()) / min(len(texts), len(images))
 
 
 def _as_tensor(x: Any, name: str) -> torch.Tensor:
@@ -320,25 +342,43 @@ def _encode_rows(fn, total: int, batch_size: int) -> torch.Tensor:
     return _gather_rows(local, total)
 
 
-def encode_split(encoder, split, device: torch.device, domain: int | None = TARGET,
-                 batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode a split's gallery images (M, D) and query captions (N, D), sharded over ranks.
+def encode_images(encoder, images, device: torch.device, domain: int | None = TARGET,
+                  batch_size: int = 256) -> torch.Tensor:
+    """Embed every image of ``images`` (``len`` and ``fetch(rows) -> (B, 3, H, W) uint8``,
+    e.g. an ``ImageSource``): (M, D) float32 on CPU, rows sharded over ranks.
 
     ``domain``: whose running means centre the embeddings (model/centring.py); the default,
     TARGET, is a no-op for models that never estimated target means (source-only, oracle).
+    Evaluation and the search CLI both embed with this function, so they rank alike.
     """
     was_training = encoder.training
     encoder.eval()
-    images = _encode_rows(
-        lambda rows: encoder.encode_image(normalize(split.images.fetch(rows).to(device)),
-                                          domain),
-        len(split.images), batch_size)
-    texts = _encode_rows(
-        lambda rows: encoder.encode_text(*(t.to(device) for t in split.captions.take(rows)),
-                                         domain),
-        len(split.captions), batch_size)
+    out = _encode_rows(
+        lambda rows: encoder.encode_image(normalize(images.fetch(rows).to(device)), domain),
+        len(images), batch_size)
     encoder.train(was_training)
-    return images, texts
+    return out
+
+
+def encode_texts(encoder, captions, device: torch.device, domain: int | None = TARGET,
+                 batch_size: int = 256) -> torch.Tensor:
+    """Embed tokenised captions (``len`` and ``take(rows) -> (input_ids, attention_mask)``,
+    e.g. ``Captions``): (N, D) float32 on CPU, sharded over ranks; ``domain`` as above."""
+    was_training = encoder.training
+    encoder.eval()
+    out = _encode_rows(
+        lambda rows: encoder.encode_text(*(t.to(device) for t in captions.take(rows)), domain),
+        len(captions), batch_size)
+    encoder.train(was_training)
+    return out
+
+
+def encode_split(encoder, split, device: torch.device, domain: int | None = TARGET,
+                 batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode a split's gallery images (M, D) and query captions (N, D), sharded over ranks
+    (``domain`` as in :func:`encode_images`)."""
+    return (encode_images(encoder, split.images, device, domain, batch_size),
+            encode_texts(encoder, split.captions, device, domain, batch_size))
 
 
 def evaluate_split(encoder, split, device: torch.device, domain: int | None = TARGET
@@ -394,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     from gckd_ray.config import ConfigError, override_config
     from gckd_ray.data.datasets import load_split
     from gckd_ray.data.tokenizer import load_tokenizer
-    from gckd_ray.distributed.checkpointing import load_checkpoint_config
+    from gckd_ray.distributed.checkpointing import CheckpointError, load_checkpoint_config
 
     parser = argparse.ArgumentParser(
         prog="python -m gckd_ray.evaluate",
@@ -408,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = override_config(load_checkpoint_config(args.checkpoint), args.overrides)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     tokenizer = load_tokenizer(Path(args.checkpoint) / "tokenizer")

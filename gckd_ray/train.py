@@ -31,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        from gckd_ray.distributed.launcher import run_training
+
+        run_training(cfg)  # its ConfigError: the cluster cannot place the workers
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    from gckd_ray.distributed.launcher import run_training
-
-    run_training(cfg)
     return 0
 
 

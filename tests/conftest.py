@@ -55,9 +55,20 @@ def ray_session():
     """One local Ray instance (2 CPUs, loopback only) for the tests that need Ray."""
     import ray
 
-    from gckd_ray.distributed.runtime import worker_env
+    from gckd_ray.distributed.runtime import init_ray
 
-    ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1",
-             runtime_env={"env_vars": worker_env()}, logging_level="WARNING")
+    init_ray(num_cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def zero3_whole(ray_session, tiny_config_at, tmp_path_factory):
+    """A finished 2-worker ZeRO-3 GCKD run of ``helpers.ZERO3_GCKD`` (2 epochs, so 2
+    checkpoints): ``(output_dir, results)``. Shared by the ZeRO tests and the search CLI test;
+    they read it or copy it, never write into it."""
+    from gckd_ray.distributed.launcher import run_training
+    from helpers import ZERO3_GCKD
+
+    out = tmp_path_factory.mktemp("zero3-whole")
+    return out, run_training(tiny_config_at(out, *ZERO3_GCKD, "deepspeed.zero_stage=3"))

@@ -11,6 +11,14 @@ import torch
 import torch.nn.functional as F
 
 
+# Two GCKD epochs from the first step (no warm-up), so the memory's queues and pseudo-ids are
+# part of what a resume must restore. Runs stopped after epoch 1 keep the 2-epoch LR schedule.
+# With deepspeed.zero_stage=3: the ZeRO tests' runs and the session's zero3_whole checkpoint.
+ZERO3_GCKD = ("method=gckd", "train.epochs=2", "gckd.warmup_epochs=0", "gckd.queue_size=512",
+              "gckd.memory_nodes=16", "gckd.snapshot_every=2", "gckd.pseudo_every=4",
+              "graph.k=5", "matching.rerank_top_k=0")
+
+
 def write_tiny_clip_tokenizer(directory: Path, eos_last: bool = True) -> None:
     """A CLIP BPE vocabulary over printable ASCII (+ '</w>' forms) and a few merges; the
     specials come last, eos the largest id as in OpenAI CLIP unless ``eos_last`` is False."""

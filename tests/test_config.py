@@ -1,5 +1,7 @@
 """Config: defaults, YAML + dotted overrides, errors that name the key, every YAML loads."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,7 +9,8 @@ import pytest
 from gckd_ray.config import (KEY_HELP, Config, ConfigError, describe_keys, load_config,
                              save_config)
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "experiments" / "configs"
 
 
 def test_defaults_are_the_default_protocol():
@@ -49,16 +52,60 @@ def test_yaml_then_overrides(tmp_path):
     (["train.batch_size=30", "train.instances_per_id=4"], "train.batch_size: must be a multiple"),
     (["epochs"], "must look like key.sub=value"),
     (["gckd.centring_momentum=1.5"], "gckd.centring_momentum: must be in [0, 1]"),
-    (["distill.mode=kd"], "distill.mode: must be one of cmkd, none"),
+    (["distill.mode=kd"], "distill.mode: must be one of cmkd, mnf_csc, none"),
+    (["distill.csc_tau_min=0"], "distill.csc_tau_min: must be > 0"),
+    (["distill.csc_tau_max=0.01"], "distill.csc_tau_max: must be >= distill.csc_tau_min"),
     (["gckd.strong_views=teacher"], "gckd.strong_views: must be one of student, both, none"),
     (["distill.alpha=1.5"], "distill.alpha: must be in [0, 1]"),
     (["graph.k=0"], "graph.k: must be > 0"),
-    (["gckd.queue_size=32"], "gckd.queue_size: must be >= train.batch_size"),
+    (["gckd.queue_size=255"], "gckd.queue_size: must be >= 2 x train.batch_size x "
+                              "train.num_workers = 256 (the source and target rows one step"),
+    (["train.batch_size=16", "train.num_workers=4", "gckd.queue_size=100"],
+     "gckd.queue_size: must be >= 2 x train.batch_size x train.num_workers = 128"),
+    (["train.batch_size=4", "graph.k=16"], "graph.k: must be in [1, 15] (a step's graph starts "
+                                           "with 4 x train.batch_size = 16 nodes"),
+    (["graph.k=-3"], "graph.k: must be > 0, got -3"),
+    (["distill.tau_s=-0.07"], "distill.tau_s: must be > 0, got -0.07"),
+    (["distill.tau_t=0"], "distill.tau_t: must be > 0, got 0.0"),
+    (["graph.temperature=-1"], "graph.temperature: must be > 0, got -1.0"),
+    (["loss.itc_temperature=-0.05"], "loss.itc_temperature: must be > 0, got -0.05"),
+    (["distill.tau_s=.nan"], "distill.tau_s: must be a finite number, got nan"),
+    (["train.lr=.inf"], "train.lr: must be a finite number, got inf"),
+    (["deepspeed.zero_stage=4"], "deepspeed.zero_stage: must be one of 0, 1, 2, 3, got 4"),
+    (["train.num_workers=0"], "train.num_workers: must be > 0, got 0"),
+    (["train.cpus_per_worker=-1"], "train.cpus_per_worker: must be > 0, got -1.0"),
+    (["train.log_every=0"], "train.log_every: must be > 0, got 0"),
+    (["run.seed=-1"], "run.seed: must be >= 0, got -1"),
+    (["data.text_length=1"], "data.text_length: must be >= 2 (bos and eos tokens), got 1"),
+    (["gckd.pseudo_threshold=1.5"], "gckd.pseudo_threshold: must be in [-1, 1] (a cosine)"),
+    (["train.batch_size=[64]"], "train.batch_size: expected int, got list"),
+    (["data.target.paired=yes please"], "data.target.paired: expected bool, got str"),
 ])
 def test_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, override)
     assert message in str(err.value)
+
+
+def test_errors_are_one_line():
+    for override in (["gckd.queue_size=1"], ["graph.k=1000"], ["bad.key=1"]):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, override)
+        assert "\n" not in str(err.value)
+
+
+def test_gckd_sizes_do_not_bind_other_methods():
+    cfg = load_config(None, ["method=source_only", "gckd.queue_size=8", "graph.k=1000"])
+    assert cfg.gckd.queue_size == 8
+    assert load_config(None, ["graph.enabled=false", "graph.k=1000"]).graph.k == 1000
+
+
+def test_cli_prints_config_error_and_exits_2():
+    run = subprocess.run([sys.executable, "-m", "gckd_ray.train", "bad.key=1"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 2 and run.stdout == ""
+    assert run.stderr.startswith("config error: bad: unknown key (known: ")
+    assert run.stderr.count("\n") == 1
 
 
 def test_file_errors(tmp_path):

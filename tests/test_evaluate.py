@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gckd_ray.evaluate import retrieval_metrics, retrieval_metrics_from_embeddings
+from gckd_ray.evaluate import (mutual_nn_agreement, retrieval_metrics,
+                               retrieval_metrics_from_embeddings)
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
@@ -41,6 +42,18 @@ def assert_same(got, expected, tol=1e-9):
         assert got[key] == pytest.approx(expected[key], abs=tol), key
     assert got["num_queries"] == expected["num_queries"]
     assert got["num_queries_without_match"] == expected["num_queries_without_match"]
+
+
+def test_mutual_nn_agreement_hand_worked():
+    texts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.436]])
+    images = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    # Caption -> nearest image: 0, 1, 0 (0.9 > 0.889). Image -> nearest caption: 0, 2.
+    # Mutual: caption 0 with image 0 only, over min(3, 2) possible pairs.
+    assert mutual_nn_agreement(texts, images) == pytest.approx(50.0)
+    assert mutual_nn_agreement(texts, images, chunk_size=1) == pytest.approx(50.0)
+    assert mutual_nn_agreement(texts[:2], images[:1]) == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        mutual_nn_agreement(texts[:0], images)
 
 
 def test_hand_worked_example():

@@ -12,3 +12,36 @@ def test_canonical_caption_writes_synonyms_back_as_source_words():
         "The woman is dressed in a red shirt over jeans and grey shoes. "
         "She has shorts? No: a woman with a backpack.")
     assert canonical_caption("A man in red jeans.", synonyms) == "A man in red jeans."
+
+
+def _fake_results(r1: float) -> dict:
+    final = {"R1": r1, "R5": r1 + 10, "R10": r1 + 20, "mAP": r1 + 5, "mINP": r1 + 1}
+    return {"selection": "last epoch", "protocol": "x", "method": "gckd", "final": final,
+            "history": [{"epoch": 1, "R1": r1 / 2}, {"epoch": 2, "R1": r1}]}
+
+
+def test_protocol_table_plots_and_results_section(tmp_path):
+    from PIL import Image
+
+    from experiments import run_protocols
+
+    table = {"C2I": {"source_only": [_fake_results(10.0), _fake_results(12.0)],
+                     "gckd": [_fake_results(30.0), _fake_results(34.0)]},
+             "R2C": {"source_only": [_fake_results(5.0), _fake_results(5.0)],
+                     "gckd": [_fake_results(20.0), _fake_results(22.0)]}}
+    text = run_protocols.markdown(table, [0, 1], ["train.epochs=3"])
+    assert "| C2I (synth-cuhk -> synth-icfg) | gckd | 32.00 ± 2.00 |" in text
+    assert "| R2C (synth-rstp -> synth-cuhk) | source_only | 5.00 ± 0.00 |" in text
+    assert "selection: last epoch" in text and "`train.epochs=3`" in text
+    for plot in (run_protocols.plot_bars, run_protocols.plot_curves):
+        path = tmp_path / f"{plot.__name__}.png"
+        plot(table, path)
+        with Image.open(path) as png:
+            assert png.format == "PNG" and png.size[0] > 300
+
+    doc = tmp_path / "RESULTS.md"
+    doc.write_text("# Results\n\nkept above\n")
+    run_protocols.update_results_doc(doc, "first\n")
+    run_protocols.update_results_doc(doc, "second\n")  # replaces, never duplicates
+    assert doc.read_text() == ("# Results\n\nkept above\n\n<!-- protocols:begin -->\nsecond\n"
+                               "<!-- protocols:end -->\n")

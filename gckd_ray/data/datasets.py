@@ -132,6 +132,21 @@ def load_split(cfg: Config, domain: DomainConfig, split: str, tokenizer: Tokeniz
     return built
 
 
+def load_unpaired(cfg: Config, tokenizer: Tokenizer, verbose: bool = False) -> UnpairedTarget:
+    """The target training split as GCKD sees it (`build_unpaired`); prints the reader's
+    summary line and the count of truncated captions, as `load_split` does."""
+    records = load_records(cfg, cfg.data.target, "train")
+    if verbose:
+        print(records.summary(), flush=True)
+    target = build_unpaired(records, tokenizer, cfg.data.text_length,
+                            (cfg.data.image_height, cfg.data.image_width), cfg.data.cache_images,
+                            cfg.data.target.paired)
+    if verbose and target.captions.truncated:
+        print(f"{records.name}/train: {target.captions.truncated} captions truncated to "
+              f"{cfg.data.text_length} tokens", flush=True)
+    return target
+
+
 def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 101 + stream)
 
@@ -234,13 +249,36 @@ def build_unpaired(domain: DomainRecords, tokenizer: Tokenizer, text_length: int
                    paired: bool = False) -> UnpairedTarget:
     if not domain.records:
         raise ValueError(f"{domain.name}/{domain.split}: no records left to adapt on")
+    keys, captions = _target_order(domain.records)
+    image_of = torch.from_numpy(target_pairs(domain.records)) if paired else None
+    return _unpaired(domain, keys, captions, tokenizer, text_length, image_size, cache_images,
+                     image_of)
+
+
+def sample_unpaired(domain: DomainRecords, tokenizer: Tokenizer, text_length: int,
+                    image_size: tuple[int, int], cache_images: bool, n: int,
+                    seed: int) -> UnpairedTarget:
+    """Up to ``n`` target images and ``n`` target captions, each set drawn independently (no
+    ids, no pairing): the data of the label-free selection criterion. The draw depends only
+    on ``seed`` and the sorted image keys and caption texts, as ``build_unpaired``'s order."""
+    if not domain.records:
+        raise ValueError(f"{domain.name}/{domain.split}: no records left to adapt on")
+    keys, captions = _target_order(domain.records)
+    gen = torch.Generator().manual_seed(seed)
+    image_rows = torch.randperm(len(keys), generator=gen)[:n].sort().values.tolist()
+    caption_rows = torch.randperm(len(captions), generator=gen)[:n].sort().values.tolist()
+    return _unpaired(domain, [keys[i] for i in image_rows], [captions[i] for i in caption_rows],
+                     tokenizer, text_length, image_size, cache_images, None)
+
+
+def _unpaired(domain: DomainRecords, keys: list[str], captions: list[Record],
+              tokenizer: Tokenizer, text_length: int, image_size: tuple[int, int],
+              cache_images: bool, image_of: torch.Tensor | None) -> UnpairedTarget:
     first: dict[str, tuple[str, str, int]] = {}
     for rec in domain.records:
         first.setdefault(rec.image_key, (rec.image_path, rec.source, rec.index))
-    keys, captions = _target_order(domain.records)
     paths = [first[k][0] for k in keys]
     where = [(first[k][1], first[k][2]) for k in keys]
     ids, mask, truncated = tokenizer.encode([r.caption for r in captions], text_length)
-    image_of = torch.from_numpy(target_pairs(domain.records)) if paired else None
     return UnpairedTarget(ImageSource(paths, where, image_size, cache_images),
                           Captions(ids, mask, truncated), image_of)

@@ -5,8 +5,10 @@ CUHK-PEDES (``reid_raw.json``), ICFG-PEDES (``ICFG-PEDES.json``) and RSTPReid
 ``imgs/``. `read_annotations` validates every record of the file, then flattens one split into
 `Record`s, one per caption. Bad input raises `DatasetFormatError` naming the file and the record
 index or, under ``on_bad_record="skip"``, is dropped and counted by cause so that nothing
-disappears silently. Images are only checked for existence and size here (real datasets hold
-40k+ images); `read_image` decodes them when a dataset asks.
+disappears silently. Under ``"error"`` images are only checked for existence and size here
+(real datasets hold 40k+ images) and `read_image` decodes them when a dataset asks, failing
+with the file and record index; under ``"skip"`` every image is decoded once here, so that
+truncated or non-image files are dropped and counted too.
 """
 
 from __future__ import annotations
@@ -114,7 +116,10 @@ def read_annotations(fmt: str, root: str | Path, split: str, on_bad_record: str 
     ``"error"``); then the records of ``split`` are flattened to one `Record` per caption, in
     file order. Under ``"skip"`` a bad record (for an empty caption, just that caption) is
     dropped and counted by cause in ``skipped``; records of another valid split are not
-    counted, records whose split cannot be read are counted in every split's load.
+    counted, records whose split cannot be read are counted in every split's load. A record
+    whose image file an earlier record already annotated is bad ("duplicate image"). Under
+    ``"skip"`` the split's images are also decoded, and records whose image does not decode
+    are dropped ("undecodable image", one per image).
 
     Args:
         fmt: "cuhk-pedes" | "icfg-pedes" | "rstpreid".
@@ -142,9 +147,11 @@ def read_annotations(fmt: str, root: str | Path, split: str, on_bad_record: str 
     image_root = os.path.abspath(Path(root) / IMAGE_DIR)
     records: list[Record] = []
     skipped: Counter[str] = Counter()
+    first_use: dict[str, int] = {}  # image file -> index of the record that annotated it
     for index, item in enumerate(items):
         try:
             rec = _check_record(item, spec, fmt, image_root)
+            _check_unique(rec, spec, index, first_use)
         except _BadRecord as bad:
             if on_bad_record == "error":
                 raise DatasetFormatError(f"{source}: record {index}: {bad.detail}") from None
@@ -157,6 +164,8 @@ def read_annotations(fmt: str, root: str | Path, split: str, on_bad_record: str 
         skipped["empty caption"] += len(rec.captions) - len(captions)
         records.extend(Record(rec.image_path, rec.key, caption, rec.pid, split, str(source),
                               index) for caption in captions)
+    if on_bad_record == "skip":
+        records = _decodable(records, skipped)
     domain = DomainRecords(name or fmt, split, records, {k: v for k, v in skipped.items() if v})
     if not records:
         raise DatasetFormatError(f"{source}: split {split!r} has no usable records "
@@ -315,6 +324,16 @@ def _image_file(rel: str, spec: FormatSpec, image_root: str) -> str:
     return path
 
 
+def _check_unique(rec: _Checked, spec: FormatSpec, index: int,
+                  first_use: dict[str, int]) -> None:
+    """Each image file belongs to one record: a repeat would count its captions twice and
+    could give one image two person ids."""
+    first = first_use.setdefault(rec.image_path, index)
+    if first != index:
+        raise _BadRecord("duplicate image", f"{spec.path_key} {rec.key!r} is the image of "
+                                            f"record {first} already")
+
+
 def _kept_captions(captions: list[str], on_bad_record: str, where: str) -> list[str]:
     """Stripped non-empty captions; an empty one is an error unless skipping."""
     kept = []
@@ -324,6 +343,20 @@ def _kept_captions(captions: list[str], on_bad_record: str, where: str) -> list[
         elif on_bad_record == "error":
             raise DatasetFormatError(f"{where}: caption {i} is empty")
     return kept
+
+
+def _decodable(records: list[Record], skipped: Counter[str]) -> list[Record]:
+    """The records whose image decodes; each image that does not is counted once."""
+    decodes: dict[str, bool] = {}
+    for rec in records:
+        if rec.image_path not in decodes:
+            try:
+                read_image(rec.image_path)
+                decodes[rec.image_path] = True
+            except DatasetFormatError:
+                decodes[rec.image_path] = False
+                skipped["undecodable image"] += 1
+    return [rec for rec in records if decodes[rec.image_path]]
 
 
 def _readable_split(item: Any, spec: FormatSpec) -> str | None:

@@ -15,7 +15,8 @@ from gckd_ray.config import Config
 from gckd_ray.data.datasets import PairedSplit, UnpairedStreams, UnpairedTarget
 from gckd_ray.data.transforms import normalize
 from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryClient
-from gckd_ray.distributed.loop import engine_step, log_progress, to_device
+from gckd_ray.distributed.loop import engine_step, to_device
+from gckd_ray.distributed.metrics_log import MetricsLog
 from gckd_ray.model.gckd import MemoryView, target_groups
 from gckd_ray.model.losses import all_gather_no_grad
 
@@ -132,8 +133,10 @@ def refresh_due(epoch: int, step: int, steps: int, cfg: Config) -> bool:
 
 def gckd_epoch(model, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
                memory: MemoryClient, actor, augment, epoch: int, cfg: Config,
-               device: torch.device, rank: int) -> dict[str, float]:
-    """One epoch of GCKD steps; returns the mean of each named loss and step statistic."""
+               device: torch.device, rank: int, log: MetricsLog | None = None
+               ) -> dict[str, float]:
+    """One epoch of GCKD steps; returns the mean of each named loss and step statistic.
+    ``log`` (rank 0) prints and records the progress reports."""
     model.train()
     inner = getattr(model, "module", model)
     batches = sampler.epoch(epoch)
@@ -157,8 +160,8 @@ def gckd_epoch(model, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
             # .item(), not float(): float() of a tensor that requires grad warns every run.
             value = value.item() if isinstance(value, torch.Tensor) else value
             sums[name] = sums.get(name, 0.0) + value
-        if rank == 0 and (step + 1) % cfg.train.log_every == 0:
-            log_progress(epoch, cfg.train.epochs, step, len(batches), sums,
-                         scheduler.get_last_lr()[0], start)
+        if log is not None and (step + 1) % cfg.train.log_every == 0:
+            log.progress(epoch, step, len(batches), sums, scheduler.get_last_lr()[0], start,
+                         loss_names=out.losses)
     memory.flush()
     return {k: v / len(batches) for k, v in sums.items()}

@@ -12,18 +12,26 @@ Layout of one checkpoint directory (Ray Train merges the ranks' folders into it)
     state.json      epoch, metric history, world size and ZeRO stage
     config.yaml     the full run config
     tokenizer/      the tokenizer the model was trained with
+    manifest-rank000.json ...  per rank, written last: size and sha256 of every file that
+                    rank wrote
 
 Every torch load is ``weights_only=True``; ZeRO optimizer states hold three small DeepSpeed
 classes, which are allow-listed by name for those loads only. Files are written to a temporary
-name and renamed, so an interrupted write never leaves a file that looks complete.
+name, synced and renamed, and each rank's manifest comes last, so an interrupted write never
+leaves a checkpoint that verifies. `verify_checkpoint` checks every manifest before anything is
+loaded; `usable_checkpoint` falls back to the newest earlier checkpoint of the run that
+verifies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import posixpath
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +43,147 @@ from gckd_ray.config import Config, config_from_dict, save_config
 from gckd_ray.distributed.memory import MEMORY_FILE, read_state, write_state
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
+MANIFEST = "manifest-rank{rank:03d}.json"
+# state.json "format": 2 = checkpoints with manifests; older ones carry no "format" key.
+CHECKPOINT_FORMAT = 2
+
+
+class CheckpointError(ValueError):
+    """An incomplete or corrupted checkpoint; the message names the file."""
+
+
+@contextlib.contextmanager
+def _atomic(path: str | Path, mode: str) -> Iterator[Any]:
+    """Write to ``path.tmp``, sync it, then rename it to ``path``."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with _atomic(path, "w") as f:
+        f.write(text)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with _atomic(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: str | Path, rank: int) -> Path:
+    """List size and sha256 of every file under ``directory`` (this rank's part of a
+    checkpoint) in ``manifest-rank<rank>.json``, atomically; call it after the last file."""
+    directory = Path(directory)
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix()
+        if not (name.startswith("manifest-rank") or name.endswith(".tmp")):
+            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    out = directory / MANIFEST.format(rank=rank)
+    atomic_write_text(out, json.dumps({"rank": rank, "files": files}, indent=1))
+    return out
+
+
+def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Check that a checkpoint is complete and intact: every rank's manifest is there and
+    every file it lists has the listed size and sha256. Checkpoints written before manifests
+    existed (no ``format`` in state.json) have nothing to check.
+
+    Returns:
+        The checkpoint's state.json.
+
+    Raises:
+        CheckpointError: naming the missing, truncated or corrupted file.
+    """
+    directory = Path(directory)
+    state = _read_json(_require(directory, "state.json"))
+    if "format" not in state:
+        return state
+    for rank in range(int(state.get("world_size", 1))):
+        manifest = directory / MANIFEST.format(rank=rank)
+        if not manifest.is_file():
+            raise CheckpointError(f"{directory}: incomplete checkpoint (missing {manifest.name})")
+        for name, entry in _read_json(manifest).get("files", {}).items():
+            _verify_file(directory, manifest.name, name, entry)
+    return state
+
+
+def _verify_file(directory: Path, manifest: str, name: str, entry: dict[str, Any]) -> None:
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise CheckpointError(f"{directory / manifest}: file name {name!r} outside the checkpoint")
+    path = directory / name
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (listed in {manifest})")
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise CheckpointError(f"{path}: truncated or overwritten ({size} bytes, {manifest} "
+                              f"lists {entry['size']})")
+    if _sha256(path) != entry["sha256"]:
+        raise CheckpointError(f"{path}: corrupted (its sha256 differs from the one in {manifest})")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: corrupted (not valid JSON: {err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: corrupted (not a JSON object)")
+    return data
+
+
+@contextlib.contextmanager
+def usable_checkpoint(checkpoint, log: bool = False) -> Iterator[Path]:
+    """The local directory of ``checkpoint`` (a ``ray.train.Checkpoint``: the latest one Ray
+    Train hands a resumed or restarted run) if it verifies, else of the newest earlier
+    checkpoint of the same run that does. ``log`` prints which were passed over and why.
+
+    Raises:
+        CheckpointError: no checkpoint of the run verifies (every reason is listed).
+    """
+    problems = []
+    for candidate in _this_and_earlier(checkpoint):
+        name = posixpath.basename(candidate.path.rstrip("/"))
+        with candidate.as_directory() as directory:
+            try:
+                verify_checkpoint(directory)
+            except CheckpointError as err:
+                problems.append(str(err))
+                if log:
+                    print(f"checkpoint {name} is unusable: {err}", flush=True)
+                continue
+            if log and problems:
+                print(f"resuming from the previous checkpoint {name} instead", flush=True)
+            yield Path(directory)
+            return
+    raise CheckpointError("no usable checkpoint: " + "; ".join(problems))
+
+
+def _this_and_earlier(checkpoint) -> list:
+    """``checkpoint``, then its run's earlier checkpoints, newest first (Ray Train names them
+    ``checkpoint_<timestamp>``, so names sort by time)."""
+    from pyarrow.fs import FileSelector, FileType
+    from ray.train import Checkpoint
+
+    parent, name = posixpath.split(checkpoint.path.rstrip("/"))
+    siblings = checkpoint.filesystem.get_file_info(FileSelector(parent))
+    earlier = sorted((info.base_name for info in siblings if info.type == FileType.Directory
+                      and info.base_name.startswith("checkpoint_") and info.base_name < name),
+                     reverse=True)
+    return [checkpoint] + [Checkpoint(path=posixpath.join(parent, n),
+                                      filesystem=checkpoint.filesystem) for n in earlier]
 
 
 def _zero_stage(engine) -> int:
@@ -84,31 +221,33 @@ def save_checkpoint(directory: str | Path, *, engine, scheduler: Any, state: dic
     directory.mkdir(parents=True, exist_ok=True)
     full = full_state_dict(engine)
     atomic_torch_save(_shard_state(engine, extras), directory / f"rank{rank:03d}.pt")
-    if rank != 0:
-        return
-    if memory is not None:
-        write_state(directory, memory)
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    atomic_torch_save(full, directory / "model.pt")
-    atomic_torch_save(scheduler.state_dict(), directory / "scheduler.pt")
-    save_config(cfg, directory / "config.yaml")
-    shutil.copytree(tokenizer_dir, directory / "tokenizer", dirs_exist_ok=True)
-    # state.json last: its presence marks the directory complete.
-    meta = {**state, "world_size": world, "zero_stage": _zero_stage(engine)}
-    atomic_write_text(directory / "state.json", json.dumps(meta, indent=1))
+    if rank == 0:
+        if memory is not None:
+            write_state(directory, memory)
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        atomic_torch_save(full, directory / "model.pt")
+        atomic_torch_save(scheduler.state_dict(), directory / "scheduler.pt")
+        save_config(cfg, directory / "config.yaml")
+        shutil.copytree(tokenizer_dir, directory / "tokenizer", dirs_exist_ok=True)
+        meta = {**state, "world_size": world, "zero_stage": _zero_stage(engine),
+                "format": CHECKPOINT_FORMAT}
+        atomic_write_text(directory / "state.json", json.dumps(meta, indent=1))
+    # Last: a rank's part of the checkpoint verifies only once all of it is written.
+    write_manifest(directory, rank)
 
 
 def _require(directory: Path, name: str) -> Path:
     path = directory / name
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: not a complete gckd-ray checkpoint "
-                                f"(missing {name})")
+        raise CheckpointError(f"{directory}: not a complete gckd-ray checkpoint "
+                              f"(missing {name})")
     return path
 
 
 def load_checkpoint_config(directory: str | Path) -> Config:
+    """The run config of a checkpoint, after `verify_checkpoint` (raises CheckpointError)."""
     directory = Path(directory)
-    _require(directory, "state.json")
+    verify_checkpoint(directory)
     return config_from_dict(yaml.safe_load(_require(directory, "config.yaml").read_text()))
 
 

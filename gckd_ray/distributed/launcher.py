@@ -7,9 +7,10 @@ happens here once, before any worker starts, so workers never race to create the
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from gckd_ray.config import Config
 from gckd_ray.data.datasets import load_records, target_pairs
@@ -18,7 +19,7 @@ from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.vocab_bridge import bridge_words
 from gckd_ray.distributed.memory import create_memory_actor, memory_actor_name
 from gckd_ray.distributed.results import format_table, results_path, write_results
-from gckd_ray.distributed.runtime import init_ray
+from gckd_ray.distributed.runtime import check_placement, init_ray
 from gckd_ray.model.encoders import embedding_dim
 
 
@@ -61,20 +62,25 @@ def _run_name(cfg: Config, storage: Path) -> str:
     latest = storage / "LATEST"
     if cfg.run.resume and latest.is_file():
         return latest.read_text().strip()
-    name = time.strftime("train-%Y%m%d-%H%M%S")
+    # The suffix keeps runs started in the same second (Tune trials) and their memory actors
+    # apart.
+    name = time.strftime("train-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
     storage.mkdir(parents=True, exist_ok=True)
     latest.write_text(name)
     return name
 
 
-def run_training(cfg: Config) -> dict[str, Any]:
-    """Run ``cfg`` as a Ray Train job; write and return results.json."""
+def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run ``cfg`` as a Ray Train job; write and return results.json.
+
+    ``callbacks``: Ray Train ``UserCallback``s (a Tune trial passes Tune's report callback)."""
     cfg = cfg.with_absolute_paths()  # workers run in another working directory
     output = Path(cfg.run.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     target_train = load_records(cfg, cfg.data.target, "train").records
     tokenizer_dir = prepare_tokenizer(cfg, target_train)
     init_ray()
+    check_placement(cfg.train)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -97,6 +103,7 @@ def run_training(cfg: Config) -> dict[str, Any]:
             name=run_name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
             # Train's per-report INFO lines would drown the progress output.
             logging_config=LoggingConfig(log_level="WARNING")),
     )

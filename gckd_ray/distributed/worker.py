@@ -20,17 +20,19 @@ import ray.train.torch
 import torch
 
 from gckd_ray.config import Config, DomainConfig, config_from_dict
-from gckd_ray.data.datasets import (IdentityBalancedSampler, PairedSplit, build_unpaired,
-                                    load_records, load_split)
+from gckd_ray.data.datasets import (IdentityBalancedSampler, PairedSplit, UnpairedTarget,
+                                    load_records, load_split, load_unpaired, sample_unpaired)
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.data.transforms import TrainAugment, normalize
 from gckd_ray.distributed.adaptation import TargetFeed, gckd_epoch
 from gckd_ray.distributed.checkpointing import (load_memory_state, load_training_state,
-                                               save_checkpoint)
+                                               save_checkpoint, usable_checkpoint)
 from gckd_ray.distributed.deepspeed_config import build_engine
 from gckd_ray.distributed.memory import MemoryClient, get_memory_actor
-from gckd_ray.distributed.loop import engine_step, log_progress, to_device
-from gckd_ray.evaluate import encode_split, rerank_split, retrieval_metrics_from_embeddings
+from gckd_ray.distributed.loop import engine_step, to_device
+from gckd_ray.distributed.metrics_log import MetricsLog
+from gckd_ray.evaluate import (encode_split, mutual_nn_agreement, rerank_split,
+                               retrieval_metrics_from_embeddings)
 from gckd_ray.model.gckd import build_gckd
 from gckd_ray.model.retriever import build_retriever
 
@@ -53,8 +55,10 @@ def _lr_lambda(cfg: Config, steps_per_epoch: int):
 
 
 def train_epoch(model, scheduler, split: PairedSplit, sampler, augment, epoch: int,
-                cfg: Config, device: torch.device, log: bool) -> dict[str, float]:
-    """One pass of identity-balanced batches; returns mean of each named loss."""
+                cfg: Config, device: torch.device, log: MetricsLog | None
+                ) -> dict[str, float]:
+    """One pass of identity-balanced batches; returns mean of each named loss. ``log``
+    (rank 0) prints and records the progress reports."""
     model.train()
     sums: dict[str, float] = {}
     batches = sampler.epoch(epoch)
@@ -66,9 +70,9 @@ def train_epoch(model, scheduler, split: PairedSplit, sampler, augment, epoch: i
         engine_step(model, losses["loss"])
         for name, value in losses.items():
             sums[name] = sums.get(name, 0.0) + value.item()
-        if log and (step + 1) % cfg.train.log_every == 0:
-            log_progress(epoch, cfg.train.epochs, step, len(batches), sums,
-                         scheduler.get_last_lr()[0], start)
+        if log is not None and (step + 1) % cfg.train.log_every == 0:
+            log.progress(epoch, step, len(batches), sums, scheduler.get_last_lr()[0], start,
+                         loss_names=losses)
     return {k: v / len(batches) for k, v in sums.items()}
 
 
@@ -83,6 +87,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     train_split = load_split(cfg, _labelled_domain(cfg), "train", tokenizer, verbose=rank == 0)
     test_split = load_split(cfg, cfg.data.target, "test", tokenizer, verbose=rank == 0)
+    selection = _label_free_set(cfg, tokenizer)
     sampler = IdentityBalancedSampler(train_split.labels, cfg.train.batch_size,
                                       cfg.train.instances_per_id, cfg.run.seed, rank, world)
 
@@ -97,7 +102,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state: dict[str, Any] = {"epoch": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
+        with usable_checkpoint(checkpoint, log=rank == 0) as ckpt_dir:  # verified
             state, extras = load_training_state(ckpt_dir, model, scheduler, rank, world)
             memory_state = load_memory_state(ckpt_dir) if rank == 0 and gckd else None
         torch.set_rng_state(extras["torch_rng"])
@@ -106,29 +111,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.get(actor.load_state_dict.remote(memory_state))
         if rank == 0:
             print(f"resumed from checkpoint after epoch {state['epoch']}", flush=True)
+    log = (MetricsLog(cfg.run.output_dir, state["epoch"], sampler.steps_per_epoch,
+                      cfg.train.epochs, cfg.train.batch_size * world) if rank == 0 else None)
 
     if gckd:
-        feed = TargetFeed(build_unpaired(load_records(cfg, cfg.data.target, "train"), tokenizer,
-                                         cfg.data.text_length,
-                                         (cfg.data.image_height, cfg.data.image_width),
-                                         cfg.data.cache_images, cfg.data.target.paired),
-                          cfg, rank, world)
+        feed = TargetFeed(load_unpaired(cfg, tokenizer, verbose=rank == 0), cfg, rank, world)
         memory = MemoryClient(actor)
 
         def run_epoch(epoch: int) -> dict[str, float]:
             return gckd_epoch(model, scheduler, train_split, sampler, feed, memory,
-                              actor, augment, epoch, cfg, device, rank)
+                              actor, augment, epoch, cfg, device, rank, log)
     else:
         def run_epoch(epoch: int) -> dict[str, float]:
             return train_epoch(model, scheduler, train_split, sampler, augment,
-                               epoch, cfg, device, log=rank == 0)
+                               epoch, cfg, device, log)
 
     first_epoch = state["epoch"]
     for epoch in range(first_epoch, cfg.train.epochs):
         losses = run_epoch(epoch)
-        metrics = evaluate_target(_unwrap(model), test_split, device, cfg)
+        metrics = evaluate_target(_unwrap(model), test_split, device, cfg, selection)
         state = {"epoch": epoch + 1,
                  "history": state["history"] + [{"epoch": epoch + 1, **losses, **metrics}]}
+        if log is not None:
+            log.evaluation(epoch + 1, metrics)
         if gckd and rank == 0:
             ray.get(actor.autosave.remote())  # the memory restarts from here if its actor dies
         extras = {"torch_rng": torch.get_rng_state(),
@@ -147,12 +152,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             break
 
 
-def evaluate_target(module, split: PairedSplit, device: torch.device, cfg: Config
-                    ) -> dict[str, float]:
+def _label_free_set(cfg: Config, tokenizer) -> UnpairedTarget | None:
+    """Unlabelled, unpaired target training images and captions for ``target_mnn``."""
+    if not cfg.train.label_free_samples:
+        return None
+    return sample_unpaired(load_records(cfg, cfg.data.target, "train"), tokenizer,
+                           cfg.data.text_length, (cfg.data.image_height, cfg.data.image_width),
+                           cfg.data.cache_images, cfg.train.label_free_samples, cfg.run.seed)
+
+
+def evaluate_target(module, split: PairedSplit, device: torch.device, cfg: Config,
+                    selection: UnpairedTarget | None = None) -> dict[str, float]:
     """Target test metrics; with a matching head, also ``rerank_*`` (reported separately).
-    The split is encoded once for both."""
+    The split is encoded once for both. ``target_mnn``, the label-free criterion, scores
+    ``selection`` (target training data without ids or pairing), never the test split."""
     images, texts = encode_split(module.encoder, split, device)
     metrics = retrieval_metrics_from_embeddings(texts, images, split.labels, split.image_labels)
+    if selection is not None:
+        sel_images, sel_texts = encode_split(module.encoder, selection, device)
+        metrics["target_mnn"] = mutual_nn_agreement(sel_texts, sel_images)
     head = getattr(module, "matching", None)
     if head is not None and cfg.matching.rerank_top_k > 0:
         reranked = rerank_split(module.encoder, head, split, device, images, texts,

@@ -3,7 +3,8 @@
 One training step (``forward``) reads like single-process PyTorch: student forward on the
 source pairs and on the unpaired target images and captions, teacher forward under no_grad,
 the memory snapshot handed in as tensors, graph propagation over batch + memory nodes, and a
-dict of weighted losses. The EMA update and the memory push are explicit calls after the
+dict of weighted losses; ``distill.mode`` picks the distillation term, CMKD or MNF/CSC
+(model/mnf_csc.py). The EMA update and the memory push are explicit calls after the
 optimizer step (``ema_step``; the worker pushes ``StepOutput.teacher``), never hidden in
 ``forward``. Target ids and target pairing are never inputs: target positives come from the
 memory's pseudo-ids, which its cross-domain graph derives from teacher features of the whole
@@ -17,13 +18,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from gckd_ray.config import Config
 from gckd_ray.model.centring import IMAGE, SOURCE, TARGET, TEXT
 from gckd_ray.model.encoders import DualEncoder
 from gckd_ray.model.graph import PropagationNet, gmp_loss, knn_edges, propagate_teacher
-from gckd_ray.model.losses import SourceLoss, cmkd_loss
+from gckd_ray.model.losses import (SourceLoss, all_gather_no_grad, all_gather_with_grad,
+                                   cmkd_loss)
 from gckd_ray.model.matching import MatchingHead, itm_loss, select_hard_negatives
+from gckd_ray.model.mnf_csc import MNFCSC, csc_loss, triplet_loss
 from gckd_ray.model.momentum import FrozenTeacher, ema_update, make_teacher
 
 # Source labels and target pseudo-ids share one integer space for positive masks; target
@@ -79,11 +83,16 @@ class GCKDDistiller(nn.Module):
             self.matching = MatchingHead(widths.text_config.hidden_size,
                                          widths.vision_config.hidden_size, cfg.matching.hidden,
                                          cfg.matching.num_heads, cfg.matching.num_layers)
+        # The noise filter is trained with the student (it is not part of the encoder, so the
+        # EMA teacher, a copy of the encoder, neither holds nor averages it).
+        self.mnf = (MNFCSC(student.embed_dim, cfg.distill.mnf_hidden)
+                    if cfg.distill.mode == "mnf_csc" else None)
         self.gckd, self.graph_cfg, self.distill = cfg.gckd, cfg.graph, cfg.distill
         self.hard_negatives = cfg.matching.hard_negatives
         self.weights = cfg.loss.weights
 
     @torch.no_grad()
+    @record_function("gckd.ema")
     def ema_step(self) -> None:
         ema_update(self.teacher.module, self.encoder, self.gckd.momentum)
 
@@ -96,7 +105,8 @@ class GCKDDistiller(nn.Module):
         teacher = self._teacher_features(source, target)
         with_tokens = adapt and self.matching is not None
         s_img, s_txt, s_tok = self._student(source, SOURCE, with_tokens)          # (B, D)
-        losses = self.objective(s_img, s_txt, source["pids"])
+        with record_function("gckd.source_loss"):
+            losses = self.objective(s_img, s_txt, source["pids"])
         if not adapt:
             return StepOutput(losses, teacher, {})
         g_img, g_txt, g_tok = self._student(target, TARGET, with_tokens)          # (Bi|Bt, D)
@@ -113,9 +123,13 @@ class GCKDDistiller(nn.Module):
         if self.distill.mode == "cmkd":
             losses["cmkd"] = self.weights.cmkd * self._cmkd(
                 (s_img, g_img, s_txt, g_txt), teacher, memory, pos_t2i, pos_i2t)
+        elif self.distill.mode == "mnf_csc":
+            losses.update(self._mnf_csc((s_img, g_img, s_txt, g_txt), teacher, source, target,
+                                        memory, stats))
         losses["loss"] = sum(v for k, v in losses.items() if k != "loss")
         return StepOutput(losses, teacher, stats)
 
+    @record_function("gckd.student_forward")
     def _student(self, batch, domain: int, with_tokens: bool):
         """Centred student embeddings of a batch (image, text) and, for the matching head,
         the towers' token states (image_tokens, text_tokens, text_mask) from the same forward."""
@@ -129,6 +143,7 @@ class GCKDDistiller(nn.Module):
                 (img_tokens, txt_tokens, mask))
 
     @torch.no_grad()
+    @record_function("gckd.teacher_forward")
     def _teacher_features(self, source, target) -> dict[str, torch.Tensor]:
         """Teacher features of the step; they also move the student's domain means, which then
         centre teacher and student alike (the teacher gets the means at the next EMA step)."""
@@ -150,15 +165,20 @@ class GCKDDistiller(nn.Module):
         context = (memory.graph_nodes if memory is not None and self.gckd.use_memory
                    else teacher_nodes.new_zeros((0, teacher_nodes.shape[1])))
         nodes_t = torch.cat([teacher_nodes, context])
-        edges = knn_edges(nodes_t, min(self.graph_cfg.k, len(nodes_t) - 1))
-        prop = self.propagation(torch.cat([student, context]), edges)[: len(student)]
-        smooth = propagate_teacher(nodes_t, edges, self.graph_cfg.temperature)[: len(student)]
-        image_rows = torch.cat([torch.arange(b), torch.arange(2 * b, 2 * b + bi)])
-        text_rows = torch.cat([torch.arange(b, 2 * b), torch.arange(2 * b + bi, len(student))])
-        return 0.5 * (gmp_loss(prop[image_rows], smooth[image_rows], self.graph_cfg.temperature)
-                      + gmp_loss(prop[text_rows], smooth[text_rows], self.graph_cfg.temperature))
+        with record_function("gckd.knn_graph"):
+            edges = knn_edges(nodes_t, min(self.graph_cfg.k, len(nodes_t) - 1))
+        with record_function("gckd.propagation"):
+            prop = self.propagation(torch.cat([student, context]), edges)[: len(student)]
+            smooth = propagate_teacher(nodes_t, edges, self.graph_cfg.temperature)[: len(student)]
+            image_rows = torch.cat([torch.arange(b), torch.arange(2 * b, 2 * b + bi)])
+            text_rows = torch.cat([torch.arange(b, 2 * b),
+                                   torch.arange(2 * b + bi, len(student))])
+            t = self.graph_cfg.temperature
+            return 0.5 * (gmp_loss(prop[image_rows], smooth[image_rows], t)
+                          + gmp_loss(prop[text_rows], smooth[text_rows], t))
 
     @torch.no_grad()
+    @record_function("gckd.positives")
     def _target_positives(self, source, target, memory):
         """Positive masks for CMKD keys [src images; tgt images; memory images] (t2i) and the
         mirror (i2t): same source id, or same memory pseudo-id on the target."""
@@ -172,6 +192,7 @@ class GCKDDistiller(nn.Module):
                  "target_image_with_positive": float(pos_i2t[b:].any(1).float().mean())}
         return pos_t2i, pos_i2t, stats
 
+    @record_function("gckd.matching")
     def _itm(self, students, tokens, source, target, memory, stats) -> torch.Tensor:
         """Matching-head loss over the batch of both domains: source pairs and target pairs of
         one pseudo-id are positives; each gets a hard negative image and text among the rows
@@ -212,6 +233,7 @@ class GCKDDistiller(nn.Module):
             txt = target_groups(memory.target_text_pseudo[target["text_rows"]])
         return torch.cat([source["pids"], img]), torch.cat([source["pids"], txt])
 
+    @record_function("gckd.cmkd")
     def _cmkd(self, students, teacher, memory, pos_t2i, pos_i2t) -> torch.Tensor:
         s_img, g_img, s_txt, g_txt = students
         keys_img = torch.cat([teacher["src_image"], teacher["tgt_image"]])
@@ -227,6 +249,65 @@ class GCKDDistiller(nn.Module):
                         torch.cat([teacher["src_image"], teacher["tgt_image"]]),
                         keys_txt, pos_i2t, d.tau_s, d.tau_t, d.alpha)
         return 0.5 * (t2i + i2t)
+
+    @record_function("gckd.mnf_csc")
+    def _mnf_csc(self, students, teacher, source, target, memory, stats
+                 ) -> dict[str, torch.Tensor]:
+        """MNF + CSC (model/mnf_csc.py) over the batch of both domains: each teacher feature is
+        gated with the student feature of its partner of the other modality; student queries
+        are calibrated against the purified teacher keys of every rank (gathered with
+        gradient, as the source losses gather theirs), positives by (pseudo-)id."""
+        s_img, g_img, s_txt, g_txt = students
+        b = len(s_img)
+        student_img, student_txt = torch.cat([s_img, g_img]), torch.cat([s_txt, g_txt])
+        t_img = torch.cat([teacher["src_image"], teacher["tgt_image"]])  # (B + Bi, D)
+        t_txt = torch.cat([teacher["src_text"], teacher["tgt_text"]])    # (B + Bt, D)
+        img_groups, txt_groups = self._group_keys(source, target, memory)
+        img_partner, img_known = _partners(teacher["tgt_image"], teacher["tgt_text"],
+                                           img_groups[b:], txt_groups[b:], b)
+        txt_partner, txt_known = _partners(teacher["tgt_text"], teacher["tgt_image"],
+                                           txt_groups[b:], img_groups[b:], b)
+        p_img, gate_img, l1_img = self.mnf.purify("image", t_img, student_txt[img_partner])
+        p_txt, gate_txt, l1_txt = self.mnf.purify("text", t_txt, student_img[txt_partner])
+        d = self.distill
+        taus = (d.csc_tau0, d.csc_tau_min, d.csc_tau_max)
+        t2i = csc_loss(student_txt, all_gather_with_grad(p_img),
+                       _same_group(txt_groups, all_gather_no_grad(img_groups)), *taus)
+        i2t = csc_loss(student_img, all_gather_with_grad(p_txt),
+                       _same_group(img_groups, all_gather_no_grad(txt_groups)), *taus)
+        # The triplet needs a partner that is a known (pseudo-)pair, not a mere neighbour.
+        triplet = 0.5 * (
+            triplet_loss(student_txt[img_partner][img_known].detach(), t_img[img_known],
+                         p_img[img_known], d.mnf_margin)
+            + triplet_loss(student_img[txt_partner][txt_known].detach(), t_txt[txt_known],
+                           p_txt[txt_known], d.mnf_margin))
+        stats["mnf_gate_mean"] = torch.cat([gate_img, gate_txt]).detach().mean().item()
+        w = self.weights
+        return {"csc": w.csc * 0.5 * (t2i + i2t), "mnf_triplet": w.mnf_triplet * triplet,
+                "mnf_l1": w.mnf_l1 * (l1_img + l1_txt)}
+
+
+@torch.no_grad()
+def _partners(features: torch.Tensor, others: torch.Tensor, groups: torch.Tensor,
+              other_groups: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The other-modality row each of the B source + N target rows is gated with.
+
+    Source row i: its own pair (row i). Target row: among the batch's target rows of the
+    other modality, the teacher's most similar one with the same pseudo-id, or, with none,
+    the teacher's most similar one overall (target pairs are unknown; in the paired variant
+    the own pair has the same pseudo-id). ``features`` (N, D) and ``others`` (N', D) are the
+    target teacher features, ``groups`` (N,) / ``other_groups`` (N',) their groups.
+
+    Returns:
+        partner (B + N,) row index into [source; target] of the other modality, and
+        known (B + N,) bool: the partner is a source pair or shares a pseudo-id.
+    """
+    same = _same_group(groups, other_groups)  # (N, N')
+    # Cosines lie in [-1, 1], so +3 ranks every same-group row above every other row.
+    target = b + (features @ others.t() + 3.0 * same).argmax(1)
+    own = torch.arange(b, device=features.device)
+    known = torch.cat([torch.ones(b, dtype=torch.bool, device=same.device), same.any(1)])
+    return torch.cat([own, target]), known
 
 
 def build_gckd(cfg: Config, tokenizer, num_classes: int) -> GCKDDistiller:

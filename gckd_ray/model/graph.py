@@ -2,8 +2,9 @@
 
 The nodes of one step are the batch's student image and text features of both domains plus C
 memory features per modality and domain: one unified source+target, image+text graph. Its
-edges are the k most cosine-similar other nodes of every node (:func:`knn_edges`, faiss; the
-pinned torch-geometric has no pyg-lib / torch-cluster, so no ``knn_graph``). Over the same graph
+edges are the k most cosine-similar other nodes of every node (:func:`knn_edges`: faiss on CPU,
+a float64 matmul + stable sort on a CUDA device or where faiss is not installed; the pinned
+torch-geometric has no pyg-lib / torch-cluster, so no ``knn_graph``). Over the same graph
 
 * :class:`PropagationNet` (trained, attention-weighted message passing) propagates the
   student's features, and
@@ -23,7 +24,6 @@ import contextlib
 import math
 from collections.abc import Iterator
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,17 @@ from torch_geometric.utils import softmax as segment_softmax
 _FAISS_SCORE_MARGIN = 1e-5
 # Rows per chunk when re-scoring candidates in float64 (bounds the (rows, K, D) temporary).
 _RESCORE_ELEMENTS = 1 << 22
+# Similarity entries per chunk of the dense (matmul) kNN path: bounds its (rows, N) float64 block.
+_DENSE_ELEMENTS = 1 << 25
+
+
+def _faiss():
+    """The faiss module, or None where it is not installed (e.g. a bare GPU image)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
 
 
 @contextlib.contextmanager
@@ -49,6 +60,7 @@ def _faiss_threads(num_threads: int) -> Iterator[None]:
     oversubscribes small machines. So the count is set for the search only and both settings
     are put back afterwards.
     """
+    faiss = _faiss()
     faiss_before, torch_before = faiss.omp_get_max_threads(), torch.get_num_threads()
     faiss.omp_set_num_threads(num_threads)
     try:
@@ -82,7 +94,9 @@ def knn_edges(features: torch.Tensor, k: int, *, num_threads: int = 1) -> torch.
     re-normalised features) proposes candidates; they are re-scored in float64 and sorted by
     (score desc, index asc), and a row whose candidate list could hide a tie or a better node
     (last faiss score within float32 error of the k-th exact score) is searched again with
-    twice the candidates, up to all nodes. The result is the exact brute-force answer.
+    twice the candidates, up to all nodes. The result is the exact brute-force answer. On a CUDA
+    device (no copy to the host) or without faiss, :func:`dense_knn_edges` gives the same
+    answer from a float64 matmul.
 
     Args:
         features: (N, D) embeddings (L2-normalised; normalised again here), any device.
@@ -99,6 +113,9 @@ def knn_edges(features: torch.Tensor, k: int, *, num_threads: int = 1) -> torch.
     n = features.shape[0]
     if k < 1 or k >= n:
         raise ValueError(f"k must satisfy 1 <= k < N (self excluded), got k={k}, N={n}")
+    faiss = _faiss()
+    if features.is_cuda or faiss is None:
+        return dense_knn_edges(features, k)
     x32 = np.ascontiguousarray(
         F.normalize(features.detach().float(), dim=-1).cpu().numpy(), dtype=np.float32)
     if not np.isfinite(x32).all():
@@ -128,6 +145,32 @@ def knn_edges(features: torch.Tensor, k: int, *, num_threads: int = 1) -> torch.
     targets = np.repeat(np.arange(n, dtype=np.int64), k)
     edge_index = np.stack([neighbours.reshape(-1), targets])
     return torch.from_numpy(edge_index).to(features.device)
+
+
+@torch.no_grad()
+def dense_knn_edges(features: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`knn_edges` on the features' own device: float64 cosines of row blocks against all
+    nodes (matmul), self masked, a stable descending sort (ties to the lower index), the first
+    k. Same contract and edge layout as :func:`knn_edges`, tested against brute force with
+    duplicated nodes on CPU (exact ties need the device's matmul to round duplicates alike);
+    the (rows, N) blocks bound its memory."""
+    if features.dim() != 2:
+        raise ValueError(f"features must be (N, D), got shape {tuple(features.shape)}")
+    n = features.shape[0]
+    if k < 1 or k >= n:
+        raise ValueError(f"k must satisfy 1 <= k < N (self excluded), got k={k}, N={n}")
+    x = F.normalize(features.detach().float(), dim=-1).double()
+    if not torch.isfinite(x).all():
+        raise ValueError("features contain NaN or Inf")
+    rows = max(1, _DENSE_ELEMENTS // n)
+    neighbours = []
+    for start in range(0, n, rows):
+        sim = x[start:start + rows] @ x.t()  # (R, N)
+        block = torch.arange(sim.shape[0], device=x.device)
+        sim[block, block + start] = -math.inf  # self is never its own neighbour
+        neighbours.append(torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k])
+    targets = torch.arange(n, device=x.device).repeat_interleave(k)
+    return torch.stack([torch.cat(neighbours).reshape(-1), targets])
 
 
 class AttentionPropagation(MessagePassing):

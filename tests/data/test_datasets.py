@@ -5,7 +5,7 @@ import random
 import torch
 
 from gckd_ray.data.datasets import (IdentityBalancedSampler, UnpairedStreams, build_split,
-                                    build_unpaired)
+                                    build_unpaired, sample_unpaired)
 from gckd_ray.data.formats import DomainRecords, Record
 from gckd_ray.data.tokenizer import WordTokenizer
 
@@ -79,6 +79,27 @@ def test_paired_target_knows_pairs_but_not_ids():
     other = build_unpaired(_records(relabelled), tok, 12, (8, 4), cache_images=False, paired=True)
     assert torch.equal(other.image_of, target.image_of)
     assert other.images.paths == target.images.paths
+
+
+def test_label_free_sample_draws_images_and_captions_independently_of_ids_and_pairs():
+    pairs = [(f"im{i // 2}", f"person {i // 2} wears colour {i % 5}", i // 2) for i in range(40)]
+    tok = WordTokenizer.build(c for _, c, _ in pairs)
+    sample = sample_unpaired(_records(pairs), tok, 12, (8, 4), False, n=6, seed=3)
+    assert len(sample.images) == 6 and len(sample.captions) == 6 and sample.image_of is None
+    full = build_unpaired(_records(pairs), tok, 12, (8, 4), cache_images=False)
+    assert set(sample.images.paths) <= set(full.images.paths)
+    again = sample_unpaired(_records(pairs), tok, 12, (8, 4), False, n=6, seed=3)
+    assert again.images.paths == sample.images.paths
+    assert torch.equal(again.captions.input_ids, sample.captions.input_ids)
+    rng = random.Random(1)  # ids permuted and captions shuffled across images: same sample
+    captions = [c for _, c, _ in pairs]
+    rng.shuffle(captions)
+    leaked = [(img, cap, 7 * pid + 1) for (img, _, pid), cap in zip(pairs, captions)]
+    shuffled = sample_unpaired(_records(leaked), tok, 12, (8, 4), False, n=6, seed=3)
+    assert shuffled.images.paths == sample.images.paths
+    assert torch.equal(shuffled.captions.input_ids, sample.captions.input_ids)
+    everything = sample_unpaired(_records(pairs), tok, 12, (8, 4), False, n=1000, seed=0)
+    assert (len(everything.images), len(everything.captions)) == (20, 40)
 
 
 def test_build_split_indexes_images_and_labels():

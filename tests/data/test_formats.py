@@ -6,10 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from gckd_ray.config import load_config
+from gckd_ray.data.datasets import build_split, load_split, load_unpaired
 from gckd_ray.data.formats import (FORMATS, DatasetFormatError, DomainRecords, Record,
                                    load_domain, read_annotations, read_image)
+from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.synthetic import MANIFEST, ensure_synthetic, generate
 
 SCALE = 0.05
@@ -175,6 +179,12 @@ BAD_RECORDS = {
                    "unsafe path", "is not a relative path inside imgs/"),
     "missing image": (lambda fmt, r: _with(r, **{FORMATS[fmt].path_key: "missing/3.png"}),
                       "missing image", "image not found: "),
+    "duplicate record": (lambda fmt, r: _record(fmt, 1), "duplicate image",
+                         "is the image of record 0 already"),
+    "duplicate image spelt differently": (
+        lambda fmt, r: _with(r, **{FORMATS[fmt].path_key:
+                                   "./" + _record(fmt, 1)[FORMATS[fmt].path_key]}),
+        "duplicate image", "is the image of record 0 already"),
 }
 
 
@@ -356,3 +366,93 @@ def test_read_image_bad_files_name_the_path(tmp_path, kind, text):
     message = str(err.value)
     assert message.startswith("/data/reid_raw.json: record 17: ")
     assert text in message and str(path) in message
+
+
+# ---------------------------------------------------------------- bad images through the datasets
+
+
+def _spoil(path: Path, kind: str) -> None:
+    """Replace an image file with a truncated PNG / JPEG or with text."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    if kind == "text":
+        path.write_text("not an image at all")
+        return
+    Image.fromarray(noise).save(path, format="JPEG" if kind == "truncated-jpeg" else "PNG")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _tokenizer(domain: DomainRecords) -> WordTokenizer:
+    return WordTokenizer.build(r.caption for r in domain.records)
+
+
+@pytest.mark.parametrize("kind", ["truncated-png", "truncated-jpeg", "text"])
+@pytest.mark.parametrize("cache", [True, False])
+def test_undecodable_image_names_file_and_record(tmp_path, kind, cache):
+    annotation = _dataset_with_bad(tmp_path, "cuhk-pedes", _record("cuhk-pedes", 3))
+    image = tmp_path / "imgs" / "train" / "0003" / "0003_0.png"
+    _spoil(image, kind)
+    domain = read_annotations("cuhk-pedes", tmp_path, "train")  # only stat()s the files
+    with pytest.raises(DatasetFormatError) as err:
+        split = build_split(domain, _tokenizer(domain), 8, (8, 4), cache_images=cache)
+        split.images.fetch(torch.arange(len(split.images)))  # lazy decoding fails here
+    message = str(err.value)
+    assert message.startswith(f"{annotation}: record 2: cannot decode image {image}: ")
+
+
+@pytest.mark.parametrize("kind", ["truncated-png", "truncated-jpeg", "text"])
+def test_undecodable_image_is_skipped_and_counted(tmp_path, kind):
+    _dataset_with_bad(tmp_path, "rstpreid", _record("rstpreid", 3))
+    _spoil(tmp_path / "imgs" / "0003_c1_0.png", kind)
+    got = read_annotations("rstpreid", tmp_path, "train", on_bad_record="skip")
+    assert [r.pid for r in got.records] == [1, 1, 2, 2, 4, 4]
+    assert got.skipped == {"undecodable image": 1}
+
+
+def test_grayscale_rgba_and_16_bit_images_are_converted_in_a_split(tmp_path):
+    _make(tmp_path, "icfg-pedes", [_record("icfg-pedes", pid) for pid in (1, 2, 3)])
+    folder = tmp_path / "imgs" / "train"
+    gray = np.arange(32, dtype=np.uint8).reshape(8, 4) * 7
+    Image.fromarray(gray, "L").save(folder / "0001" / "0001_0.png")
+    Image.fromarray(np.full((8, 4, 4), 90, np.uint8), "RGBA").save(folder / "0002" / "0002_0.png")
+    Image.fromarray(np.full((8, 4), 40000, np.uint16)).save(folder / "0003" / "0003_0.png")
+    domain = read_annotations("icfg-pedes", tmp_path, "train")
+    split = build_split(domain, _tokenizer(domain), 8, (8, 4), cache_images=False)
+    images = split.images.fetch(torch.arange(3))
+    assert images.shape == (3, 3, 8, 4) and images.dtype == torch.uint8
+    assert torch.equal(images[0, 1], torch.from_numpy(gray))
+    assert (images[1] == 90).all() and (images[2] == round(40000 / 257)).all()
+
+
+def _config_at(root: Path, *overrides: str):
+    return load_config(None, ["data.source.name=cuhk-pedes", f"data.source.root={root}",
+                              "data.target.name=cuhk-pedes", f"data.target.root={root}",
+                              "data.text_length=8", *overrides])
+
+
+def test_long_captions_are_truncated_and_counted_at_start_up(tmp_path, capsys):
+    long = "a man in a red coat and blue jeans walks with a black bag."
+    _make(tmp_path, "cuhk-pedes", [_record("cuhk-pedes", 1, captions=[long, "a man."]),
+                                   _record("cuhk-pedes", 2)])
+    cfg = _config_at(tmp_path)
+    domain = read_annotations("cuhk-pedes", tmp_path, "train")
+    split = load_split(cfg, cfg.data.source, "train", _tokenizer(domain), verbose=True)
+    assert len(split.captions) == 4 and split.captions.truncated == 1
+    target = load_unpaired(cfg, _tokenizer(domain), verbose=True)
+    assert target.captions.truncated == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out.count("cuhk-pedes/train: 1 captions truncated to 8 tokens") == 2
+
+
+def test_skip_counts_per_cause_are_printed_at_start_up(tmp_path, capsys):
+    records = [_record("cuhk-pedes", 1), _record("cuhk-pedes", 1),
+               _with(_record("cuhk-pedes", 2), file_path="../x.png"),
+               _record("cuhk-pedes", 3, captions=["a man.", " "]), _record("cuhk-pedes", 4)]
+    _make(tmp_path, "cuhk-pedes", records)
+    _spoil(tmp_path / "imgs" / "train" / "0004" / "0004_0.png", "truncated-png")
+    cfg = _config_at(tmp_path, "data.on_bad_record=skip")
+    domain = read_annotations("cuhk-pedes", tmp_path, "train", on_bad_record="skip")
+    load_split(cfg, cfg.data.source, "train", _tokenizer(domain), verbose=True)
+    load_unpaired(cfg, _tokenizer(domain), verbose=True)
+    summary = ("cuhk-pedes/train: 3 captions, 2 images, 2 ids; skipped 4 (duplicate image: 1, "
+               "empty caption: 1, undecodable image: 1, unsafe path: 1)")
+    assert capsys.readouterr().out.splitlines() == [summary, summary]

@@ -1,6 +1,8 @@
-"""GCKD end to end on real Ray: memory actor, graph, CMKD, and no target-label leakage."""
+"""GCKD end to end on real Ray: memory actor, graph, CMKD (MNF/CSC in the paired run), and no
+target-label leakage."""
 
 import json
+import math
 import random
 import shutil
 
@@ -63,9 +65,14 @@ def test_target_ids_and_pairing_never_reach_training(ray_session, tiny_config, s
 
 
 def test_paired_variant_uses_each_captions_own_image(ray_session, tiny_config, tmp_path):
+    """Run with the second distillation mode (MNF/CSC): one run covers both, on 2 workers."""
     results = run_training(tiny_config(*GCKD, "data.target.paired=true",
+                                       "distill.mode=mnf_csc",
                                        f"run.output_dir={tmp_path / 'paired'}"))
     adapted = results["history"][-1]
     # every target caption meets its own image in the batch, known to the memory as one group
     assert adapted["target_text_with_positive"] == 1.0
     assert adapted["itm_target_pairs"] > 0
+    assert {"csc", "mnf_triplet", "mnf_l1", "gmp"} <= set(adapted) and "cmkd" not in adapted
+    assert all(math.isfinite(adapted[k]) for k in ("csc", "mnf_triplet", "mnf_l1", "loss"))
+    assert 0 < adapted["mnf_gate_mean"] < 1

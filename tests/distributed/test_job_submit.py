@@ -67,6 +67,12 @@ def test_ray_job_submit_runs_training_on_a_local_cluster(synth_cache, tmp_path):
         assert "succeeded" in submit.stdout
         results = json.loads((out / "results.json").read_text())
         assert results["method"] == "source_only" and len(results["history"]) == 1
+        # The token is in no log line and no file of the run (config.yaml of checkpoints ...).
+        token = env["RAY_AUTH_TOKEN"]
+        assert token not in submit.stdout + submit.stderr
+        written = [p for p in out.rglob("*") if p.is_file()]
+        assert any(p.name == "config.yaml" for p in written)
+        assert [p for p in written if token.encode() in p.read_bytes()] == []
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # ray start --block stops its cluster on SIGTERM
         try:

@@ -5,9 +5,11 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from experiments import diagnose_gap
 from gckd_ray.distributed.launcher import run_training
+from gckd_ray.distributed.metrics_log import read_records
 from gckd_ray.distributed.results import METRIC_KEYS
 from gckd_ray.evaluate import main as evaluate_main
 
@@ -27,6 +29,22 @@ def test_two_worker_source_only_run_writes_results(ray_session, tiny_config, cap
     assert 0.0 <= results["final"]["R1"] <= results["final"]["R5"] <= results["final"]["R10"]
     out = capsys.readouterr().out
     assert "R1" in out and "mINP" in out
+
+    # metrics.jsonl: progress reports with losses, lr and throughput, and each epoch's metrics.
+    records = read_records(Path(cfg.run.output_dir) / "metrics.jsonl")
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    steps = [r["step"] for r in train]
+    assert steps == sorted(set(steps)) and len(steps) >= 2
+    assert {r["epoch"] for r in train} == {1, 2}
+    assert all({"itc", "id", "loss"} <= set(r["losses"]) and r["lr"] > 0
+               and r["samples_per_s"] == pytest.approx(r["steps_per_s"] * 16 * 2)
+               for r in train)
+    assert [(r["epoch"], r["metrics"]["R1"]) for r in evals] == [
+        (h["epoch"], h["R1"]) for h in results["history"]]
+    assert evals[0]["step"] < train[-1]["step"] <= evals[1]["step"]
+    with Image.open(Path(cfg.run.output_dir) / "curves.png") as png:
+        assert png.format == "PNG" and png.size[0] > 100
 
     # The evaluate CLI on the final checkpoint reproduces the run's final metrics.
     checkpoint = max(Path(cfg.run.output_dir).glob("ray/*/checkpoint_*/state.json")).parent

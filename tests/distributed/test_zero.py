@@ -6,21 +6,19 @@ matching head) through Ray Train with 2 CPU workers (gloo, fp32) at ZeRO-0, 2 an
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from gckd_ray.distributed.checkpointing import verify_checkpoint
 from gckd_ray.distributed.launcher import run_training
-from helpers import free_port
+from gckd_ray.distributed.metrics_log import read_records
+from gckd_ray.evaluate import main as evaluate_main
+from helpers import ZERO3_GCKD as GCKD, free_port
 
 pytestmark = pytest.mark.slow
-
-# Two GCKD epochs from the first step (no warm-up), so the memory's queues and pseudo-ids are
-# part of what a resume must restore. Runs stopped after epoch 1 keep the 2-epoch LR schedule.
-GCKD = ("method=gckd", "train.epochs=2", "gckd.warmup_epochs=0", "gckd.queue_size=512",
-        "gckd.memory_nodes=16", "gckd.snapshot_every=2", "gckd.pseudo_every=4", "graph.k=5",
-        "matching.rerank_top_k=0")
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +30,10 @@ def zero3_stopped(ray_session, tiny_config_at, tmp_path_factory):
                                           "run.stop_after_epochs=1"))
     assert [h["epoch"] for h in results["history"]] == [1]
     return out, results
+
+
+# zero3_whole, the same run uninterrupted, is a session fixture (conftest.py): the search CLI
+# test reads its checkpoints too.
 
 
 def _losses(history):
@@ -112,19 +114,54 @@ def test_zero3_shard_local_ema_equals_full_parameter_ema(tmp_path):
     assert result["err"] < 1e-6    # ... and it is the full-parameter EMA
 
 
-def test_stop_and_resume_continues_exactly(tiny_config, zero3_stopped, tmp_path):
+def test_stop_and_resume_continues_exactly(tiny_config, zero3_stopped, zero3_whole):
     """Epoch 2 of a run stopped after epoch 1 and resumed (ZeRO-3 partitions, optimizer, LR
     schedule, RNG and augmentation streams, memory queues and pseudo-ids all restored) equals
     epoch 2 of the uninterrupted run."""
     split_dir, stopped = zero3_stopped
-    whole = run_training(tiny_config(*GCKD, "deepspeed.zero_stage=3",
-                                     f"run.output_dir={tmp_path / 'whole'}"))
+    whole = zero3_whole[1]
     assert whole["history"][0] == pytest.approx(stopped["history"][0], rel=1e-6)
+    # A record of epoch 2 as a run killed after the epoch-1 checkpoint would have left it.
+    with (split_dir / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"kind": "train", "step": 13, "epoch": 2, "losses": {}}) + "\n")
     resumed = run_training(tiny_config(*GCKD, "deepspeed.zero_stage=3",
                                        f"run.output_dir={split_dir}", "run.resume=true"))
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]
     expected, got = whole["history"][1], resumed["history"][1]
     assert {"cmkd", "gmp", "itm"} <= set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    # metrics.jsonl holds each step once, the same steps as the uninterrupted run's.
+    records, uninterrupted = (read_records(d / "metrics.jsonl") for d in (split_dir,
+                                                                           zero3_whole[0]))
+    steps = [(r["kind"], r["step"]) for r in records]
+    assert len(steps) == len(set(steps)) and steps == [(r["kind"], r["step"])
+                                                       for r in uninterrupted]
+    assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
+
+
+def test_resume_passes_over_a_corrupted_latest_checkpoint(tiny_config, zero3_whole, tmp_path,
+                                                          capsys):
+    """A copy of the finished run whose latest checkpoint has one flipped byte in model.pt:
+    evaluation refuses it naming the file, and a resume falls back to the epoch-1 checkpoint
+    and trains epoch 2 again, exactly as the uninterrupted run did."""
+    run = tmp_path / "copy"
+    shutil.copytree(zero3_whole[0], run)
+    first, latest = sorted(p.parent for p in run.glob("ray/*/checkpoint_*/state.json"))
+    model = latest / "model.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    model.write_bytes(bytes(data))
+    assert evaluate_main(["--checkpoint", str(latest)]) == 2
+    assert capsys.readouterr().err == (f"error: {model}: corrupted (its sha256 differs from the "
+                                       "one in manifest-rank000.json)\n")
+
+    resumed = run_training(tiny_config(*GCKD, "deepspeed.zero_stage=3", f"run.output_dir={run}",
+                                       "run.resume=true"))
+    rerun = max(p.parent for p in run.glob("ray/*/checkpoint_*/state.json"))
+    assert rerun.name > latest.name  # epoch 2 was trained again from the epoch-1 checkpoint
+    assert verify_checkpoint(rerun)["epoch"] == 2
+    expected, got = zero3_whole[1]["history"][1], resumed["history"][1]
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
 

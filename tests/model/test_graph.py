@@ -9,8 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gckd_ray.model import graph
 from gckd_ray.model.graph import (
-    AttentionPropagation, PropagationNet, gmp_loss, knn_edges, propagate_teacher)
+    AttentionPropagation, PropagationNet, dense_knn_edges, gmp_loss, knn_edges,
+    propagate_teacher)
 
 
 def _brute_force_edges(features: torch.Tensor, k: int) -> torch.Tensor:
@@ -43,6 +45,24 @@ def test_knn_edges_with_duplicated_rows_break_ties_by_index():
     # a duplicate of node i is a neighbour of i, i itself never is
     edges = knn_edges(x, 3)
     assert (edges[0] != edges[1]).all()
+
+
+def test_dense_knn_edges_equal_brute_force_with_ties_and_blocks(monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    base = F.normalize(torch.randn(30, 16, generator=g), dim=-1)
+    x = torch.cat([base, base[[0] * 5], base[[1, 2, 3]]])[torch.randperm(38, generator=g)]
+    monkeypatch.setattr(graph, "_DENSE_ELEMENTS", 38 * 7)  # 7-row blocks: a ragged last one
+    for k in (1, 3, 10, 37):
+        assert torch.equal(dense_knn_edges(x, k), _brute_force_edges(x, k)), k
+    with pytest.raises(ValueError, match=r"k=38.*N=38"):
+        dense_knn_edges(x, 38)
+
+
+def test_knn_edges_without_faiss_uses_the_dense_path(monkeypatch):
+    x = F.normalize(torch.randn(25, 8, generator=torch.Generator().manual_seed(2)), dim=-1)
+    with_faiss = knn_edges(x, 4)
+    monkeypatch.setattr(graph, "_faiss", lambda: None)
+    assert torch.equal(knn_edges(x, 4), with_faiss)
 
 
 def test_knn_edges_errors_and_device():

@@ -1,0 +1,186 @@
+"""Run source-only, GCKD and GCKD+MNF/CSC over the six SynthPEDES protocols, several seeds;
+tabulate, plot, and regenerate the protocols section of experiments/RESULTS.md.
+
+    python -m experiments.run_protocols [--seeds 0 1 2] [--jobs 2] [--runs runs/protocols] \\
+        [--variants source_only gckd gckd_mnf_csc] [--protocols C2I C2R ...] [key=value ...]
+
+Every run is ``python -m gckd_ray.train`` in its own process (``run_table.run_one``: a finished
+run is reused, so an interrupted table resumes), under ``<runs>/<protocol>/``. Writes
+``experiments/results/protocols.{md,json}``, ``protocols.png`` (R@1 per protocol and method)
+and ``protocol_curves.png`` (target R@1 per epoch), and replaces the text between the
+``protocols`` markers of experiments/RESULTS.md. The reported model of every run is its last
+epoch: no target labels select anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from experiments.run_table import METRICS, VARIANTS, run_one
+
+PROTOCOLS: dict[str, tuple[str, str]] = {
+    "C2I": ("synth-cuhk", "synth-icfg"), "C2R": ("synth-cuhk", "synth-rstp"),
+    "I2C": ("synth-icfg", "synth-cuhk"), "I2R": ("synth-icfg", "synth-rstp"),
+    "R2C": ("synth-rstp", "synth-cuhk"), "R2I": ("synth-rstp", "synth-icfg"),
+}
+DEFAULT_VARIANTS = ("source_only", "gckd", "gckd_mnf_csc")
+RESULTS_DOC = Path("experiments/RESULTS.md")
+BEGIN, END = "<!-- protocols:begin -->", "<!-- protocols:end -->"
+# Two Ray local clusters starting in the same minute on 2 loaded cores can time out.
+STAGGER_S = 90.0
+
+
+def protocol_overrides(protocol: str) -> list[str]:
+    source, target = PROTOCOLS[protocol]
+    return [f"data.source.name={source}", f"data.target.name={target}"]
+
+
+def run_all(protocols, variants, seeds, root: Path, extra, jobs: int) -> dict:
+    """``{protocol: {variant: [results.json per seed]}}``; ``jobs`` runs at a time."""
+    tasks = [(p, v, s) for p in protocols for v in variants for s in seeds]
+    lock, last_start = threading.Lock(), [0.0]
+
+    def one(task):
+        protocol, variant, seed = task
+        folder = root / protocol
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / f"{variant}-seed{seed}" / "results.json").is_file():
+            with lock:  # stagger starts; a reused run needs no wait
+                time.sleep(max(0.0, last_start[0] + STAGGER_S - time.monotonic()))
+                last_start[0] = time.monotonic()
+        return run_one(variant, seed, folder, [*protocol_overrides(protocol), *extra])
+
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(one, tasks))
+    table: dict = {p: {v: [] for v in variants} for p in protocols}
+    for (protocol, variant, _), result in zip(tasks, results):
+        table[protocol][variant].append(result)
+    return table
+
+
+def _stats(runs: list[dict], metric: str) -> tuple[float, float]:
+    values = [r["final"][metric] for r in runs]
+    return statistics.mean(values), statistics.pstdev(values)
+
+
+def markdown(table: dict, seeds, extra) -> str:
+    first = next(iter(next(iter(table.values())).values()))[0]
+    lines = [f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), mean ± std of the final model; "
+             f"selection: {first['selection']}. Overrides: `{' '.join(extra) or '(none)'}`.", "",
+             "| protocol | variant | " + " | ".join(METRICS) + " |",
+             "|---" * (len(METRICS) + 2) + "|"]
+    for protocol, variants in table.items():
+        source, target = PROTOCOLS[protocol]
+        for variant, runs in variants.items():
+            cells = " | ".join("{:.2f} ± {:.2f}".format(*_stats(runs, m)) for m in METRICS)
+            lines.append(f"| {protocol} ({source} -> {target}) | {variant} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_bars(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    protocols = list(table)
+    variants = list(next(iter(table.values())))
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(1.6 * len(protocols) + 2, 3.4))
+    for i, variant in enumerate(variants):
+        stats = [_stats(table[p][variant], "R1") for p in protocols]
+        xs = [j + (i - (len(variants) - 1) / 2) * width for j in range(len(protocols))]
+        ax.bar(xs, [m for m, _ in stats], width, yerr=[s for _, s in stats], capsize=2,
+               label=variant)
+    ax.set_xticks(range(len(protocols)), protocols)
+    ax.set_ylabel("target R@1 (%)")
+    ax.set_title("SynthPEDES protocols: target text-to-image R@1 (final model)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(table: dict, path: Path) -> None:
+    """Target R@1 after every epoch, mean over seeds, one panel per protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(11, 6), squeeze=False)
+    for ax, (protocol, variants) in zip(axes.flat, table.items()):
+        for variant, runs in variants.items():
+            epochs = [h["epoch"] for h in runs[0]["history"]]
+            mean = [statistics.mean(r["history"][i]["R1"] for r in runs)
+                    for i in range(len(epochs))]
+            ax.plot(epochs, mean, label=variant)
+        ax.set_title(protocol, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("target R@1 (%)")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def update_results_doc(doc: Path, section: str) -> None:
+    """Replace the text between the markers (appending them at the end the first time)."""
+    text = doc.read_text() if doc.is_file() else "# Results\n"
+    block = f"{BEGIN}\n{section}{END}"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    doc.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.run_protocols",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                        choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--runs", default="runs/protocols", help="folder for the runs")
+    parser.add_argument("--out", default="experiments/results/protocols.md")
+    parser.add_argument("--doc", default=str(RESULTS_DOC), help="markdown file whose protocols "
+                        "section is regenerated")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    table = run_all(args.protocols, args.variants, args.seeds, Path(args.runs), args.overrides,
+                    args.jobs)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = markdown(table, args.seeds, args.overrides)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(
+        {p: {v: [{"seed": s, **r["final"]} for s, r in zip(args.seeds, runs)]
+             for v, runs in variants.items()} for p, variants in table.items()}, indent=1))
+    bars, curves = out.with_suffix(".png"), out.with_name(out.stem + "_curves.png")
+    plot_bars(table, bars)
+    plot_curves(table, curves)
+    command = " ".join(["python -m experiments.run_protocols", *(argv or sys.argv[1:])])
+    doc = Path(args.doc)
+    links = [os.path.relpath(p, doc.parent) for p in (bars, curves)]
+    section = (f"```bash\n{command}\n```\n\n{text}\n![R@1 per protocol]({links[0]})\n"
+               f"![target R@1 per epoch]({links[1]})\n")
+    update_results_doc(doc, section)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

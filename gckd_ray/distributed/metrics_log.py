@@ -1,0 +1,95 @@
+"""``<run.output_dir>/metrics.jsonl`` and ``curves.png``: the training reports of a run.
+
+Rank 0 appends one JSON object per report. A progress report (every ``train.log_every`` steps,
+next to the printed progress line)::
+
+    {"kind": "train", "step": <global step>, "epoch": <1-based>, "epoch_step": <step in epoch>,
+     "losses": {<name>: running mean over the epoch so far}, "stats": {<step statistic>: mean},
+     "lr": <learning rate>, "steps_per_s": ..., "samples_per_s": <source pairs, all workers>}
+
+and after each epoch's target evaluation ``{"kind": "eval", "step", "epoch", "metrics":
+{"R1", "R5", "R10", "mAP", "mINP", ...}}``, after which ``curves.png`` is redrawn. Steps count
+the epoch loop's batches (micro-batches under gradient accumulation) from the start of the run.
+
+Resume (``run.resume`` or Ray Train's restart after a failure) starts from a checkpoint after
+some epoch: the records of later epochs, written before the interruption, are dropped so that
+the file never holds a step twice. A fresh run starts an empty file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from gckd_ray.distributed.loop import log_progress
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; a torn last line (a write cut short) is left out."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class MetricsLog:
+    """Appends a run's reports to metrics.jsonl and redraws curves.png (rank 0 only).
+
+    Args:
+        output_dir: ``run.output_dir``.
+        restored_epoch: epochs already done by the checkpoint this run starts from (0: fresh).
+        steps_per_epoch: batches per epoch and worker.
+        epochs: ``train.epochs`` (for the printed progress line).
+        samples_per_step: source pairs per step over all workers.
+    """
+
+    def __init__(self, output_dir: str | Path, restored_epoch: int, steps_per_epoch: int,
+                 epochs: int, samples_per_step: int):
+        self.path = Path(output_dir) / METRICS_FILE
+        self.curves = Path(output_dir) / CURVES_FILE
+        self.steps_per_epoch, self.epochs = steps_per_epoch, epochs
+        self.samples_per_step = samples_per_step
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = ([r for r in read_records(self.path) if r.get("epoch", 0) <= restored_epoch]
+                if restored_epoch and self.path.is_file() else [])
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        self.records = kept
+
+    def progress(self, epoch: int, step: int, steps: int, sums: dict[str, float], lr: float,
+                 start: float, loss_names: Iterable[str]) -> None:
+        """Print the progress line (0-based ``epoch`` and ``step``; ``sums`` of the epoch so
+        far) and append its record; ``loss_names``: which keys of ``sums`` are losses (the
+        others are step statistics)."""
+        rate = log_progress(epoch, self.epochs, step, steps, sums, lr, start)
+        names = set(loss_names)
+        means = {k: v / (step + 1) for k, v in sums.items()}
+        self._append({"kind": "train", "step": epoch * self.steps_per_epoch + step + 1,
+                      "epoch": epoch + 1, "epoch_step": step + 1,
+                      "losses": {k: v for k, v in means.items() if k in names},
+                      "stats": {k: v for k, v in means.items() if k not in names},
+                      "lr": lr, "steps_per_s": rate, "samples_per_s": rate * self.samples_per_step,
+                      "time": time.time()})
+
+    def evaluation(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Append the target metrics after ``epoch`` (1-based) epochs; redraw curves.png."""
+        self._append({"kind": "eval", "step": epoch * self.steps_per_epoch, "epoch": epoch,
+                      "metrics": metrics, "time": time.time()})
+        from gckd_ray.plots import plot_curves  # matplotlib only where curves are drawn
+
+        plot_curves(self.records, self.curves)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.records.append(record)
