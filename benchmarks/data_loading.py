@@ -1,10 +1,13 @@
-"""Images/s of the training data pipelines and the share of a training step spent waiting on data.
+"""Images/s of the training data pipelines and the share of a training step spent waiting on data,
+with and without the background prefetch thread (``train.prefetch``).
 
-    python -m benchmarks.data_loading [--steps 20] [--upscale 2.5] [--smoke] [key=value ...]
+    python -m benchmarks.data_loading [--steps 20] [--upscale 2.5] [--cpus N] [--smoke]
+                                      [key=value ...]
 
 Two pipelines over the real dataset objects (``data/datasets.py``), as one Ray Train worker
-runs them (``train.cpus_per_worker`` torch threads; no loader processes: images are fetched in
-the step's own thread, decoded by ``ImageSource``'s thread pool when not cached):
+runs them (``train.cpus_per_worker`` torch threads; no loader processes: images are fetched by
+``adaptation.step_batches``, decoded by ``ImageSource``'s thread pool when not cached, either in
+the step's own thread or, prefetched, in ``data/prefetch.py``'s one background thread):
 
 * ``synthpedes``: the default, SynthPEDES decoded once into a uint8 cache
   (``data.cache_images``), then per step the source batch and the target image + caption
@@ -15,19 +18,23 @@ the step's own thread, decoded by ``ImageSource``'s thread pool when not cached)
   ``--upscale`` to a real crop's resolution, read with the real readers (``read_image`` decode,
   bicubic resize to the configured size, then the same augmentation).
 
-The loop is the worker's: per step the data work, then the config's GCKD step (forward with
-``adapt=True``, no memory snapshot, backward, torch AdamW, EMA). Images/s = the step's source and
-target images / its data time; the wait share = data time / step time (medians over the steps
-after the first), data being fetched in the step's thread (nothing prefetches). Timing the data
-work in the loop, not alone: alone, the large per-step image tensors are freed and faulted in
-again every step, which made the 384x128 pipelines look 2x slower than they run in training.
-The last line is JSON.
+The loop is the worker's: per step the next batch from a ``Prefetcher``, then the config's
+GCKD step (forward with ``adapt=True``, no memory snapshot, backward, torch AdamW, EMA). Each
+pipeline runs twice, ``prefetch`` off and on, from the same seeds; the step losses of the two
+must be identical (``losses_identical``). Images/s = the step's source and target images / the
+time ``prepare`` took (in whichever thread ran it); wait = the time the step's thread waited for
+its batch; the wait share = wait / whole step (medians over the steps after the first). Timing
+the data work in the loop, not alone: alone, the large per-step image tensors are freed and
+faulted in again every step, which made the 384x128 pipelines look 2x slower than they run in
+training. ``--cpus N`` pins the process to N cores first (``--cpus 1``: a worker's share when 2
+workers run on 2 cores, where a prefetch thread has no idle core to use). The last line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -40,12 +47,14 @@ from gckd_ray.config import load_config
 from gckd_ray.data.datasets import (IdentityBalancedSampler, build_unpaired, load_records,
                                     load_split)
 from gckd_ray.data.formats import FORMATS, IMAGE_DIR, SYNTH_FORMATS
+from gckd_ray.data.prefetch import Prefetcher
 from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.transforms import TrainAugment
 from gckd_ray.model.gckd import build_gckd
 
 SMOKE = ("data.synth_scale=0.05", "train.batch_size=8", "model.hidden_size=32",
          "model.embed_dim=32", "model.num_layers=1", "model.num_heads=2")
+MODES = ("no_prefetch", "prefetch")
 # Real-format copy: (SynthPEDES domain, format it is read as, image file type).
 REAL_COPY = {"source": ("synth-cuhk", "cuhk-pedes", "PNG"),
              "target": ("synth-icfg", "icfg-pedes", "JPEG")}
@@ -95,34 +104,45 @@ def _pipeline(cfg, tokenizer, steps: int):
     return split, feed, batches, feed.epoch(0, len(batches))
 
 
-def measure(cfg, tokenizer, steps: int) -> dict:
-    """Median per-step data seconds and whole-step seconds of one pipeline."""
-    from gckd_ray.distributed.adaptation import views
+def measure(cfg, tokenizer, steps: int, prefetch: bool) -> dict:
+    """Median per-step prepare, wait and whole-step seconds of one pipeline, and its losses."""
+    from gckd_ray.distributed.adaptation import step_batches
 
     split, feed, batches, targets = _pipeline(cfg, tokenizer, steps)
-    augment, cpu = TrainAugment(seed=cfg.run.seed), torch.device("cpu")
+    augment = TrainAugment(seed=cfg.run.seed)
     torch.manual_seed(cfg.run.seed)
     model = build_gckd(cfg, tokenizer, split.num_ids).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.train.lr)
-    data_s, step_s, images = [], [], 0
-    for i, (idx, (image_rows, text_rows)) in enumerate(zip(batches, targets)):
+    prepare_s: list[float] = []
+    prepare_step = step_batches(split, feed, augment, cfg.gckd.strong_views, torch.device("cpu"))
+
+    def prepare(item):
         start = time.perf_counter()
-        src = split.batch(idx)
-        src.update(views(src.pop("images"), augment, cfg.gckd.strong_views))
-        tgt = feed.batch(image_rows, text_rows, augment, cfg.gckd.strong_views, cpu)
-        fetched = time.perf_counter()
-        out = model(src, tgt, None, True)
-        optimizer.zero_grad(set_to_none=True)
-        out.losses["loss"].backward()
-        optimizer.step()
-        model.ema_step()
-        if i > 0:  # the first step warms up thread pools and allocators
-            data_s.append(fetched - start)
-            step_s.append(time.perf_counter() - start)
-            images = len(idx) + len(image_rows)
-    return {"images_per_step": images, "data_s": statistics.median(data_s),
-            "step_s": statistics.median(step_s)}
+        batch = prepare_step(item)
+        prepare_s.append(time.perf_counter() - start)
+        return batch
+
+    wait_s, step_s, losses, images = [], [], [], 0
+    with Prefetcher(zip(batches, targets), prepare, enabled=prefetch) as prepared:
+        ready = iter(prepared)
+        for i in range(len(batches)):
+            start = time.perf_counter()
+            idx, src, tgt = next(ready)
+            fetched = time.perf_counter()
+            out = model(src, tgt, None, True)
+            optimizer.zero_grad(set_to_none=True)
+            out.losses["loss"].backward()
+            optimizer.step()
+            model.ema_step()
+            losses.append(out.losses["loss"].item())
+            if i > 0:  # the first step warms up thread pools and allocators
+                wait_s.append(fetched - start)
+                step_s.append(time.perf_counter() - start)
+                images = len(idx) + len(tgt["image_rows"])
+    return {"images_per_step": images, "prepare_s": statistics.median(prepare_s[1:]),
+            "wait_s": statistics.median(wait_s), "step_s": statistics.median(step_s),
+            "losses": losses}
 
 
 def run(cfg, steps: int, upscale: float, work: Path) -> dict:
@@ -137,10 +157,14 @@ def run(cfg, steps: int, upscale: float, work: Path) -> dict:
         f"data.target.name={REAL_COPY['target'][1]}", f"data.target.root={roots['target']}"])
     out = {}
     for name, config in (("synthpedes", cfg), ("real_format", real)):
-        run = measure(config, tokenizer, steps)
-        out[name] = {"images_per_s": run["images_per_step"] / run["data_s"],
-                     "data_ms": 1e3 * run["data_s"], "step_ms": 1e3 * run["step_s"],
-                     "wait_share": run["data_s"] / run["step_s"]}
+        runs = {mode: measure(config, tokenizer, steps, prefetch=mode == "prefetch")
+                for mode in MODES}
+        out[name] = {mode: {"images_per_s": run["images_per_step"] / run["prepare_s"],
+                            "prepare_ms": 1e3 * run["prepare_s"], "wait_ms": 1e3 * run["wait_s"],
+                            "step_ms": 1e3 * run["step_s"],
+                            "wait_share": run["wait_s"] / run["step_s"]}
+                     for mode, run in runs.items()}
+        out[name]["losses_identical"] = runs["no_prefetch"]["losses"] == runs["prefetch"]["losses"]
     return out
 
 
@@ -162,12 +186,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=20, help="steps per measurement")
     parser.add_argument("--upscale", type=float, default=2.5,
                         help="real-format images: SynthPEDES size times this (default 2.5)")
+    parser.add_argument("--cpus", type=int, default=0,
+                        help="pin the process to this many cores first (0: leave it)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, 3 steps (tests)")
     parser.add_argument("overrides", nargs="*", help="config key=value")
     args = parser.parse_args(argv)
     cfg = load_config(None, [*(SMOKE if args.smoke else ()), *args.overrides])
     if cfg.data.source.name not in SYNTH_FORMATS or cfg.data.target.name not in SYNTH_FORMATS:
         raise SystemExit("data_loading builds its real-format copy from SynthPEDES domains")
+    if args.cpus:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.cpus])
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))  # as a Ray Train worker
     with tempfile.TemporaryDirectory() as work:
         pipelines = run(cfg, 3 if args.smoke else args.steps, args.upscale, Path(work))
@@ -175,16 +203,20 @@ def main(argv: list[str] | None = None) -> dict:
               "image_size": [cfg.data.image_height, cfg.data.image_width],
               "strong_views": cfg.gckd.strong_views, "torch_threads": torch.get_num_threads(),
               "workers": cfg.train.num_workers, "upscale": args.upscale,
-              "pipelines": pipelines}
+              "cores": len(os.sched_getaffinity(0)), "pipelines": pipelines}
     print(f"data pipelines of one worker (of {cfg.train.num_workers}; {torch.get_num_threads()} "
-          f"torch thread(s)), batch {cfg.train.batch_size} source + {cfg.train.batch_size} "
-          f"target images at {cfg.data.image_height}x{cfg.data.image_width}, views "
-          f"'{cfg.gckd.strong_views}'")
-    print(f"  {'pipeline':12s} {'images/s':>10s} {'data ms':>9s} {'step ms':>9s} "
-          f"{'wait share':>11s}")
+          f"torch thread(s), {result['cores']} core(s)), batch {cfg.train.batch_size} source + "
+          f"{cfg.train.batch_size} target images at {cfg.data.image_height}x"
+          f"{cfg.data.image_width}, views '{cfg.gckd.strong_views}'")
+    print(f"  {'pipeline':12s} {'mode':12s} {'images/s':>9s} {'prepare ms':>11s} "
+          f"{'wait ms':>8s} {'step ms':>9s} {'wait share':>11s}")
     for name, p in pipelines.items():
-        print(f"  {name:12s} {p['images_per_s']:10.0f} {p['data_ms']:9.1f} {p['step_ms']:9.1f} "
-              f"{100 * p['wait_share']:10.1f}%")
+        for mode in MODES:
+            m = p[mode]
+            print(f"  {name:12s} {mode:12s} {m['images_per_s']:9.0f} {m['prepare_ms']:11.1f} "
+                  f"{m['wait_ms']:8.1f} {m['step_ms']:9.1f} {100 * m['wait_share']:10.1f}%")
+        print(f"  {name:12s} losses identical with and without prefetch: "
+              f"{p['losses_identical']}")
     print(json.dumps(result))
     return result
 

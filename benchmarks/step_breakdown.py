@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import time
 from types import SimpleNamespace
 
@@ -72,11 +71,9 @@ def _trainer(module, cfg, engine: str):
 
     own_group = not torch.distributed.is_initialized()
     if own_group:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's sanity check reads it
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+        # One rank needs no rendezvous; a TCPStore would listen on every interface ("::").
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(),
                                              rank=0, world_size=1)
     try:
         wrapped, _ = build_engine(module, cfg, lambda step: 1.0, on_gpu=False)

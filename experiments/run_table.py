@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from gckd_ray.distributed.results import SELECTION
+
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
 # Variant name -> overrides. Ablations of GCKD switch one component off each.
@@ -72,10 +74,7 @@ def load_recorded(paths: list[str]) -> dict[tuple[str, int], dict]:
         for variant, rows in json.loads(Path(path).read_text()).items():
             for row in rows:
                 final = {m: row[m] for m in METRICS}
-                recorded[(variant, row["seed"])] = {
-                    "final": final, "recorded_in": path,
-                    "selection": "last epoch (fixed schedule; no target labels used for "
-                                 "selection)", "protocol": "synth-cuhk->synth-icfg"}
+                recorded[(variant, row["seed"])] = {"final": final, "recorded_in": path}
     return recorded
 
 
@@ -95,8 +94,9 @@ def _target_setting(variant: str) -> str:
 
 
 def markdown(summary, rows, extra: list[str]) -> str:
-    selection = next(iter(rows.values()))[0]["selection"]
-    protocol = next(iter(rows.values()))[0]["protocol"]
+    run = next((r for runs in rows.values() for r in runs if "protocol" in r),
+               {"protocol": "as recorded", "selection": SELECTION})
+    selection, protocol = run["selection"], run["protocol"]
     lines = [f"Protocol `{protocol}`, {len(next(iter(rows.values())))} seeds, mean ± std of the "
              f"final model; selection: {selection}.",
              f"Overrides: `{' '.join(extra) or '(none)'}`."]

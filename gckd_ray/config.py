@@ -190,6 +190,9 @@ class TrainConfig:
     # Target training images and captions (each drawn independently, no pairing) encoded after
     # every epoch for the label-free selection criterion target_mnn; 0 = off.
     label_free_samples: int = 1000
+    # Prepare the next batch (fetch, decode, augment) in a background thread during the step;
+    # the batches and the augmentation stream are the same either way.
+    prefetch: bool = True
 
 
 @dataclass
@@ -601,6 +604,8 @@ KEY_HELP: dict[str, str] = {
     "train.label_free_samples": "target training images and captions (drawn independently) "
                                 "scored each epoch by the label-free criterion target_mnn "
                                 "(0 = off)",
+    "train.prefetch": "prepare the next batch (fetch, decode, augment) in a background thread "
+                      "while the step runs; false = in the step's thread (identical results)",
     "deepspeed.zero_stage": "ZeRO stage of the student and teacher (0: replicated, 1: optimizer "
                             "states, 2: + gradients, 3: + parameters sharded)",
     "deepspeed.gradient_accumulation_steps": "micro-batches per optimizer step",

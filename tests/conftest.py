@@ -12,12 +12,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from gckd_ray.config import load_config  # noqa: E402
+from helpers import SYNTH_SCALE  # noqa: E402
 
 # Tiny tensors: one thread avoids oversubscribing the 2 shared cores (Ray workers set their own).
 torch.set_num_threads(1)
 
-# Small SynthPEDES for fast end-to-end tests (id counts x SYNTH_SCALE).
-SYNTH_SCALE = 0.1
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+# Small SynthPEDES for fast end-to-end tests (id counts x SYNTH_SCALE).
+SYNTH_SCALE = 0.1
 
 # Two GCKD epochs from the first step (no warm-up), so the memory's queues and pseudo-ids are
 # part of what a resume must restore. Runs stopped after epoch 1 keep the 2-epoch LR schedule.

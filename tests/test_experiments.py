@@ -45,3 +45,22 @@ def test_protocol_table_plots_and_results_section(tmp_path):
     run_protocols.update_results_doc(doc, "second\n")  # replaces, never duplicates
     assert doc.read_text() == ("# Results\n\nkept above\n\n<!-- protocols:begin -->\nsecond\n"
                                "<!-- protocols:end -->\n")
+
+
+def test_run_table_reuses_recorded_finals_and_says_so(tmp_path, capsys):
+    import json
+
+    from experiments import run_table
+
+    final = {"R1": 30.0, "R5": 60.0, "R10": 70.0, "mAP": 40.0, "mINP": 35.0}
+    recorded = tmp_path / "earlier.json"
+    recorded.write_text(json.dumps({"oracle": [{"seed": 0, **final},
+                                               {"seed": 1, **dict(final, R1=34.0)}]}))
+    out = tmp_path / "table.md"
+    assert run_table.main(["--variants", "oracle", "--seeds", "0", "1", "--runs",
+                           str(tmp_path / "runs"), "--out", str(out),
+                           "--recorded", str(recorded)]) == 0  # nothing to run: all recorded
+    text = out.read_text()
+    assert "| oracle | labelled (upper bound) | 32.00 ± 2.00 |" in text
+    assert f"2 of 2 runs reused from the recorded finals of: `{recorded}`" in text
+    assert json.loads(out.with_suffix(".json").read_text())["oracle"][1]["R1"] == 34.0

@@ -2,7 +2,9 @@
 
 The method itself lives in ``model/gckd.py``; this module feeds it. Every step pushes the
 teacher's features (fire-and-forget, bounded in flight) and every ``gckd.snapshot_every`` steps
-pulls the memory's snapshot ObjectRef and turns it into the tensors the step expects.
+pulls the memory's snapshot ObjectRef and turns it into the tensors the step expects. The next
+step's batches (fetch, decode, views) are prepared in a background thread while a step computes
+(``data/prefetch.py``, ``train.prefetch``).
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import torch
 
 from gckd_ray.config import Config
 from gckd_ray.data.datasets import PairedSplit, UnpairedStreams, UnpairedTarget
+from gckd_ray.data.prefetch import Prefetcher
 from gckd_ray.data.transforms import normalize
 from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryClient
 from gckd_ray.distributed.loop import engine_step, to_device
 from gckd_ray.distributed.metrics_log import MetricsLog
 from gckd_ray.model.gckd import MemoryView, target_groups
-from gckd_ray.model.losses import all_gather_no_grad
+from gckd_ray.model.losses import all_gather_many
 
 
 def memory_view(snapshot: dict[str, torch.Tensor], nodes_per_group: int,
@@ -67,6 +70,20 @@ class TargetFeed:
                 "attention_mask": mask.to(device), "text_rows": text_rows.to(device)}
 
 
+def step_batches(split: PairedSplit, feed: TargetFeed, augment, strong: str,
+                 device: torch.device):
+    """The epoch's ``prepare`` for its ``Prefetcher``: everything of a step that does not need
+    the model. ``(caption_idx, (image_rows, text_rows)) -> (caption_idx, source batch, target
+    batch)``, both batches on ``device`` with their views (source first, then target: the
+    augmentation draws' order)."""
+    def prepare(item):
+        idx, (image_rows, text_rows) = item
+        src = to_device(split.batch(idx), device)
+        src.update(views(src.pop("images"), augment, strong))
+        return idx, src, feed.batch(image_rows, text_rows, augment, strong, device)
+    return prepare
+
+
 def views(images: torch.Tensor, augment, strong: str) -> dict[str, torch.Tensor]:
     """Normalised ``images`` for the student and, with ``strong="student"``,
     ``teacher_images``: the teacher keeps the plain augmented view, the student gets a stronger
@@ -92,10 +109,14 @@ def push_teacher(client: MemoryClient | None, teacher: dict[str, torch.Tensor],
                ("text", "src_text", SOURCE, pids, caption_idx),
                ("image", "tgt_image", TARGET, torch.full_like(rows_i, -1), rows_i),
                ("text", "tgt_text", TARGET, torch.full_like(rows_t, -1), rows_t)]
-    for modality, key, domain, labels, rows in entries:
-        feats = all_gather_no_grad(teacher[key].float())
-        labels, rows = (all_gather_no_grad(t.to(feats.device)) for t in (labels, rows))
-        if client is not None:
+    device = teacher["src_image"].device
+    # Two collectives per step instead of twelve: the float features, the int64 labels and rows.
+    gathered = all_gather_many([t for _, key, _, labels, rows in entries
+                                for t in (teacher[key].float(), labels.to(device),
+                                          rows.to(device))])
+    if client is not None:
+        for n, (modality, _, domain, _, _) in enumerate(entries):
+            feats, labels, rows = gathered[3 * n: 3 * n + 3]
             client.push(modality, feats, domain, labels, rows)
 
 
@@ -145,23 +166,22 @@ def gckd_epoch(model, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
     strong = cfg.gckd.strong_views if adapt else "none"
     view, sums, start = None, {}, time.perf_counter()
     pusher = memory if rank == 0 else None
-    for step, (idx, (image_rows, text_rows)) in enumerate(zip(batches, targets)):
-        if step % cfg.gckd.snapshot_every == 0:
-            view = read_memory(memory, actor, refresh_due(epoch, step, len(batches), cfg), cfg,
-                               rank, device)
-        src = to_device(split.batch(idx), device)
-        src.update(views(src.pop("images"), augment, strong))
-        tgt = feed.batch(image_rows, text_rows, augment, strong, device)
-        out = model(src, tgt, view, adapt)
-        if engine_step(model, out.losses["loss"]):
-            inner.ema_step()
-        push_teacher(pusher, out.teacher, split, idx, tgt)
-        for name, value in {**out.losses, **out.stats}.items():
-            # .item(), not float(): float() of a tensor that requires grad warns every run.
-            value = value.item() if isinstance(value, torch.Tensor) else value
-            sums[name] = sums.get(name, 0.0) + value
-        if log is not None and (step + 1) % cfg.train.log_every == 0:
-            log.progress(epoch, step, len(batches), sums, scheduler.get_last_lr()[0], start,
-                         loss_names=out.losses)
+    prepare = step_batches(split, feed, augment, strong, device)
+    with Prefetcher(zip(batches, targets), prepare, enabled=cfg.train.prefetch) as prepared:
+        for step, (idx, src, tgt) in enumerate(prepared):
+            if step % cfg.gckd.snapshot_every == 0:
+                view = read_memory(memory, actor, refresh_due(epoch, step, len(batches), cfg),
+                                   cfg, rank, device)
+            out = model(src, tgt, view, adapt)
+            if engine_step(model, out.losses["loss"]):
+                inner.ema_step()
+            push_teacher(pusher, out.teacher, split, idx, tgt)
+            for name, value in {**out.losses, **out.stats}.items():
+                # .item(), not float(): float() of a tensor that requires grad warns every run.
+                value = value.item() if isinstance(value, torch.Tensor) else value
+                sums[name] = sums.get(name, 0.0) + value
+            if log is not None and (step + 1) % cfg.train.log_every == 0:
+                log.progress(epoch, step, len(batches), sums, scheduler.get_last_lr()[0],
+                             start, loss_names=out.losses)
     memory.flush()
     return {k: v / len(batches) for k, v in sums.items()}

@@ -22,6 +22,7 @@ import torch
 from gckd_ray.config import Config, DomainConfig, config_from_dict
 from gckd_ray.data.datasets import (IdentityBalancedSampler, PairedSplit, UnpairedTarget,
                                     load_records, load_split, load_unpaired, sample_unpaired)
+from gckd_ray.data.prefetch import Prefetcher
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.data.transforms import TrainAugment, normalize
 from gckd_ray.distributed.adaptation import TargetFeed, gckd_epoch
@@ -57,22 +58,27 @@ def _lr_lambda(cfg: Config, steps_per_epoch: int):
 def train_epoch(model, scheduler, split: PairedSplit, sampler, augment, epoch: int,
                 cfg: Config, device: torch.device, log: MetricsLog | None
                 ) -> dict[str, float]:
-    """One pass of identity-balanced batches; returns mean of each named loss. ``log``
-    (rank 0) prints and records the progress reports."""
+    """One pass of identity-balanced batches (the next one fetched and augmented during the
+    step, ``train.prefetch``); returns mean of each named loss. ``log`` (rank 0) prints and
+    records the progress reports."""
     model.train()
     sums: dict[str, float] = {}
     batches = sampler.epoch(epoch)
-    start = time.perf_counter()
-    for step, idx in enumerate(batches):
+
+    def prepare(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         batch = to_device(split.batch(idx), device)
-        images = normalize(augment(batch.pop("images")))
-        losses = model(images, **batch)
-        engine_step(model, losses["loss"])
-        for name, value in losses.items():
-            sums[name] = sums.get(name, 0.0) + value.item()
-        if log is not None and (step + 1) % cfg.train.log_every == 0:
-            log.progress(epoch, step, len(batches), sums, scheduler.get_last_lr()[0], start,
-                         loss_names=losses)
+        return normalize(augment(batch.pop("images"))), batch
+
+    start = time.perf_counter()
+    with Prefetcher(batches, prepare, enabled=cfg.train.prefetch) as prepared:
+        for step, (images, batch) in enumerate(prepared):
+            losses = model(images, **batch)
+            engine_step(model, losses["loss"])
+            for name, value in losses.items():
+                sums[name] = sums.get(name, 0.0) + value.item()
+            if log is not None and (step + 1) % cfg.train.log_every == 0:
+                log.progress(epoch, step, len(batches), sums, scheduler.get_last_lr()[0],
+                             start, loss_names=losses)
     return {k: v / len(batches) for k, v in sums.items()}
 
 

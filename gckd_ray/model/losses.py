@@ -63,6 +63,30 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+@torch.no_grad()
+def all_gather_many(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``[all_gather_no_grad(t) for t in tensors]`` with one collective per dtype (small
+    gathers cost their latency, not their bytes): each dtype's tensors travel flattened in one
+    buffer, then are cut back. (B_k, ...) per rank -> (W*B_k, ...) in rank order, same values.
+
+    All ranks must pass the same shapes and dtypes in the same order, on one device.
+    """
+    _, world = _rank_and_world()
+    if world == 1:
+        return list(tensors)
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    for members in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in members])
+        gathered = all_gather_no_grad(flat).view(world, -1)  # (W, sum of numels)
+        parts = gathered.split([tensors[i].numel() for i in members], dim=1)
+        for i, part in zip(members, parts):  # (W, numel) -> (W*B, ...): rank 0's rows first
+            out[i] = part.reshape(world * tensors[i].shape[0], *tensors[i].shape[1:])
+    return out
+
+
 def _gather_keys(image_emb: torch.Tensor, text_emb: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Global image and text keys (N, D) with gradient, and this rank's row offset in them."""

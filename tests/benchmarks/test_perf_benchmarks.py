@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SYNTH_SCALE
+from helpers import SYNTH_SCALE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -132,5 +132,8 @@ def test_data_loading_smoke(synth_cache, tmp_path):
     result = data_loading.main(["--smoke", *overrides])
     for name in ("synthpedes", "real_format"):
         pipeline = result["pipelines"][name]
-        assert pipeline["images_per_s"] > 0 and 0 < pipeline["wait_share"] < 1, name
+        assert pipeline["losses_identical"], name  # prefetching changes no value
+        for mode in data_loading.MODES:
+            assert pipeline[mode]["images_per_s"] > 0, (name, mode)
+            assert 0 < pipeline[mode]["wait_share"] < 1, (name, mode)
     assert result["torch_threads"] == 1  # as a Ray Train worker with train.cpus_per_worker=1

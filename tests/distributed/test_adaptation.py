@@ -1,13 +1,27 @@
-"""The worker's target feed (independent streams when unpaired, pairs together when paired), and
-the smoke run of the GCKD overhead benchmark (memory actor + graph build per step)."""
+"""The worker's target feed (independent streams when unpaired, pairs together when paired), the
+epoch's batches through the prefetcher, the bucketed teacher push on 2 gloo ranks, and the smoke
+run of the GCKD overhead benchmark (memory actor + graph build per step)."""
 
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from gckd_ray.config import load_config
-from gckd_ray.data.datasets import Captions, UnpairedTarget
+from gckd_ray.data.datasets import (Captions, IdentityBalancedSampler, PairedSplit,
+                                    UnpairedTarget, load_split, load_unpaired)
+from gckd_ray.data.prefetch import Prefetcher
+from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.transforms import TrainAugment, normalize
-from gckd_ray.distributed.adaptation import TargetFeed, views
+from gckd_ray.distributed.adaptation import TargetFeed, push_teacher, step_batches, views
+from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryBank
+from gckd_ray.model.losses import all_gather_many, all_gather_no_grad
+from helpers import free_port
 
 
 def _target(image_of=None):
@@ -44,6 +58,127 @@ def test_paired_feed_brings_each_captions_own_image():
     for (images, captions), (_, same_captions) in zip(feed.epoch(1, steps=3), unpaired):
         assert torch.equal(captions, same_captions)  # same caption stream as unpaired
         assert torch.equal(images, image_of[captions])
+
+
+def test_epoch_batches_through_the_prefetcher_equal_the_plain_loop(tiny_config):
+    """gckd_epoch's data path (real-format files decoded per step, both views) over two epochs:
+    the same batches and the same augmentation state at each epoch end (what a checkpoint
+    saves) with and without the background thread."""
+    cfg = tiny_config("data.cache_images=false")
+    tokenizer = WordTokenizer.build(["a"])
+    split = load_split(cfg, cfg.data.source, "train", tokenizer)
+    feed = TargetFeed(load_unpaired(cfg, tokenizer), cfg, rank=1, world=2)
+    sampler = IdentityBalancedSampler(split.labels, 16, 2, cfg.run.seed, rank=1, world_size=2)
+    runs = {}
+    for prefetch in (False, True):
+        augment = TrainAugment(seed=5)
+        prepare = step_batches(split, feed, augment, "student", torch.device("cpu"))
+        got, states = [], []
+        for epoch in range(2):
+            batches = sampler.epoch(epoch)[:4]
+            items = list(zip(batches, feed.epoch(epoch, len(batches))))
+            with Prefetcher(items, prepare, enabled=prefetch) as prepared:
+                got += list(prepared)
+            states.append(augment.state_dict()["generator"])
+        runs[prefetch] = got, states
+    (plain, plain_states), (fetched, fetched_states) = runs[False], runs[True]
+    assert len(plain) == len(fetched) == 8
+    for (idx, src, tgt), (idx2, src2, tgt2) in zip(plain, fetched):
+        assert torch.equal(idx, idx2) and src.keys() == src2.keys() and tgt.keys() == tgt2.keys()
+        assert {"images", "teacher_images", "image_rows"} <= src.keys() | tgt.keys()
+        assert all(torch.equal(src[k], src2[k]) for k in src)
+        assert all(torch.equal(tgt[k], tgt2[k]) for k in tgt)
+    assert all(torch.equal(a, b) for a, b in zip(plain_states, fetched_states))
+
+
+# ---- push_teacher's bucketed all-gathers: 2 gloo ranks ---------------------------------------
+
+WORLD, B, D, ROWS = 2, 4, 6, 9
+KEYS = ("src_image", "src_text", "tgt_image", "tgt_text")
+
+
+def _push_inputs(rank: int):
+    """One rank's teacher features, source split and target rows (seeded by the rank)."""
+    g = torch.Generator().manual_seed(rank)
+    teacher = {k: F.normalize(torch.randn(B, D, generator=g), dim=-1) for k in KEYS}
+    split = PairedSplit(name="src", images=None, captions=None,
+                        image_of=torch.arange(20).flip(0), labels=torch.arange(20) // 2,
+                        image_labels=torch.arange(10), num_ids=10)
+    caption_idx = torch.randperm(20, generator=g)[:B]
+    target = {"image_rows": torch.randperm(ROWS, generator=g)[:B],
+              "text_rows": torch.randperm(ROWS, generator=g)[:B]}
+    return teacher, split, caption_idx, target
+
+
+def _push_per_tensor(bank, teacher, split, caption_idx, target) -> None:
+    """push_teacher as it was before bucketing: one all-gather per tensor (12 per step)."""
+    pids = split.labels[caption_idx]
+    rows_i, rows_t = target["image_rows"], target["text_rows"]
+    entries = [("image", "src_image", SOURCE, pids, split.image_of[caption_idx]),
+               ("text", "src_text", SOURCE, pids, caption_idx),
+               ("image", "tgt_image", TARGET, torch.full_like(rows_i, -1), rows_i),
+               ("text", "tgt_text", TARGET, torch.full_like(rows_t, -1), rows_t)]
+    for modality, key, domain, labels, rows in entries:
+        feats, labels, rows = (all_gather_no_grad(t) for t in (teacher[key], labels, rows))
+        if bank is not None:
+            bank.push(modality, feats, domain, labels, rows)
+
+
+def _push_worker(rank: int, port: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD)
+    calls = []
+    real_all_gather = dist.all_gather
+
+    def counting_all_gather(*args, **kwargs):  # the real collective, counted
+        calls.append(1)
+        return real_all_gather(*args, **kwargs)
+
+    dist.all_gather = counting_all_gather
+    try:
+        banks = [MemoryBank(D, 64, ROWS, ROWS) if rank == 0 else None for _ in range(2)]
+        push_teacher(banks[0], *_push_inputs(rank))
+        bucketed = len(calls)
+        _push_per_tensor(banks[1], *_push_inputs(rank))
+        # mixed dtypes and shapes through the helper itself
+        g = torch.Generator().manual_seed(10 + rank)
+        mixed = [torch.randn(3, 2, 5, generator=g, dtype=torch.float64),
+                 torch.randint(-9, 9, (3,), generator=g, dtype=torch.int32),
+                 torch.randn(2, 4, generator=g, dtype=torch.float64)]
+        calls.clear()
+        many = all_gather_many(mixed)
+        result = {"bucketed_calls": bucketed, "many_calls": len(calls),
+                  "many_equal": all(torch.equal(a, all_gather_no_grad(t))
+                                    for a, t in zip(many, mixed))}
+        if rank == 0:
+            result["banks"] = [{k: torch.from_numpy(np.asarray(v)) for k, v in
+                                bank.state_dict().items() if np.asarray(v).dtype.kind in "biuf"}
+                               for bank in banks]
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.all_gather = real_all_gather
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_bucketed_teacher_push_pushes_what_per_tensor_gathers_pushed():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_push_worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
+        ranks = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD)]
+    assert all(r["bucketed_calls"] == 2 and r["many_calls"] == 2 and r["many_equal"]
+               for r in ranks)  # one gather per dtype instead of one per tensor
+    bucketed, per_tensor = ranks[0]["banks"]
+    assert bucketed.keys() == per_tensor.keys()
+    for key in bucketed:
+        assert torch.equal(bucketed[key], per_tensor[key]), key
+    # and both hold every rank's entries in rank order: source then target, per modality
+    inputs = [_push_inputs(r) for r in range(WORLD)]
+    for modality in ("image", "text"):
+        expected = torch.cat([inputs[r][0][f"{domain}_{modality}"] for domain in ("src", "tgt")
+                              for r in range(WORLD)])
+        assert torch.equal(bucketed[f"{modality}_features"][:len(expected)], expected)
+    expected_rows = torch.cat([inputs[r][3]["text_rows"] for r in range(WORLD)])
+    assert torch.equal(bucketed["text_indices"][WORLD * B:2 * WORLD * B], expected_rows)
 
 
 @pytest.mark.slow

@@ -43,8 +43,11 @@ def test_target_ids_and_pairing_never_reach_training(ray_session, tiny_config, s
     domain = next(synth_cache.glob("*/synth-icfg"))
     plain = shutil.copytree(domain, tmp_path / "plain")
     scrambled = _scrambled_copy(domain, tmp_path / "scrambled")
+    # The second run also prepares its batches in the step's thread (train.prefetch=false):
+    # prefetching must not change a single value either.
     results = [run_training(tiny_config(*GCKD, f"data.target.root={root}",
-                                        f"run.output_dir={tmp_path / root.name}-run"))
+                                        f"run.output_dir={tmp_path / root.name}-run",
+                                        f"train.prefetch={root is plain}"))
                for root in (plain, scrambled)]
     first, second = (r["history"] for r in results)
     assert {"cmkd", "gmp", "itc", "id", "itm", "R1", "rerank_R1"} <= set(first[-1])

@@ -9,6 +9,7 @@ import pytest
 from gckd_ray.config import ConfigError, TrainConfig
 from gckd_ray.distributed.runtime import check_placement, placement_problem, worker_env
 from gckd_ray.train import main as train_main
+from helpers import SYNTH_SCALE
 
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1", "::1"}
 
@@ -47,8 +48,6 @@ def test_worker_env_carries_no_secrets(monkeypatch):
 @pytest.mark.slow
 def test_unplaceable_workers_fail_before_any_worker_starts(ray_session, synth_cache, tmp_path,
                                                            capsys, monkeypatch):
-    from conftest import SYNTH_SCALE
-
     out = tmp_path / "run"
     code = train_main(["method=source_only", "train.num_workers=3",
                        f"data.synth_cache={synth_cache}", f"data.synth_scale={SYNTH_SCALE}",
