@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 import math
 import socket
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 # Small SynthPEDES for fast end-to-end tests (id counts x SYNTH_SCALE).
@@ -56,3 +60,21 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _gloo_rank(rank: int, fn: Callable, port: int, world: int, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        torch.save(fn(rank), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo_ranks(fn: Callable, world: int) -> list:
+    """``fn(rank)`` in each of ``world`` spawned processes of one gloo group (rendezvous on
+    127.0.0.1); their results (tensors, containers, numbers) in rank order. ``fn`` must be a
+    module-level function."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_gloo_rank, args=(fn, free_port(), world, out_dir), nprocs=world, join=True)
+        return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]

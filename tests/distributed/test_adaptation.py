@@ -2,14 +2,10 @@
 epoch's batches through the prefetcher, the bucketed teacher push on 2 gloo ranks, and the smoke
 run of the GCKD overhead benchmark (memory actor + graph build per step)."""
 
-import tempfile
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from gckd_ray.config import load_config
@@ -21,7 +17,7 @@ from gckd_ray.data.transforms import TrainAugment, normalize
 from gckd_ray.distributed.adaptation import TargetFeed, push_teacher, step_batches, views
 from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryBank
 from gckd_ray.model.losses import all_gather_many, all_gather_no_grad
-from helpers import free_port
+from helpers import run_gloo_ranks
 
 
 def _target(image_of=None):
@@ -124,9 +120,7 @@ def _push_per_tensor(bank, teacher, split, caption_idx, target) -> None:
             bank.push(modality, feats, domain, labels, rows)
 
 
-def _push_worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+def _push_worker(rank: int) -> dict:
     calls = []
     real_all_gather = dist.all_gather
 
@@ -154,17 +148,14 @@ def _push_worker(rank: int, port: int, out_dir: str) -> None:
             result["banks"] = [{k: torch.from_numpy(np.asarray(v)) for k, v in
                                 bank.state_dict().items() if np.asarray(v).dtype.kind in "biuf"}
                                for bank in banks]
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        return result
     finally:
         dist.all_gather = real_all_gather
-        dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_bucketed_teacher_push_pushes_what_per_tensor_gathers_pushed():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_push_worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
-        ranks = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_gloo_ranks(_push_worker, WORLD)
     assert all(r["bucketed_calls"] == 2 and r["many_calls"] == 2 and r["many_equal"]
                for r in ranks)  # one gather per dtype instead of one per tensor
     bucketed, per_tensor = ranks[0]["banks"]

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from helpers import free_port, softmax as _softmax, unit as _unit
+from helpers import run_gloo_ranks, softmax as _softmax, unit as _unit
 from gckd_ray.config import LossConfig, LossWeights
 from gckd_ray.model.losses import (
     IdentityClassifier, SourceLoss, all_gather_with_grad, itc_loss, sdm_loss)
@@ -157,29 +153,22 @@ def _loss_fns():
             "source": lambda i, t, p: source(i, t, p)["loss"]}
 
 
-def _rank_worker(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
-    try:
-        img, txt, pids = _global_batch()
-        rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
-        results = {}
-        for name, fn in _loss_fns().items():
-            local_img = img[rows].clone().requires_grad_()
-            local_txt = txt[rows].clone().requires_grad_()
-            loss = fn(local_img, local_txt, pids[rows])
-            loss.backward()
-            results[name] = (loss.detach(), local_img.grad, local_txt.grad)
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _rank_worker(rank: int) -> dict:
+    img, txt, pids = _global_batch()
+    rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)
+    results = {}
+    for name, fn in _loss_fns().items():
+        local_img = img[rows].clone().requires_grad_()
+        local_txt = txt[rows].clone().requires_grad_()
+        loss = fn(local_img, local_txt, pids[rows])
+        loss.backward()
+        results[name] = (loss.detach(), local_img.grad, local_txt.grad)
+    return results
 
 
 @pytest.mark.slow
 def test_distributed_losses_equal_single_process_on_concatenated_batch():
-    with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_rank_worker, args=(free_port(), out_dir), nprocs=WORLD, join=True)
-        ranks = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(WORLD)]
+    ranks = run_gloo_ranks(_rank_worker, WORLD)
 
     img, txt, pids = _global_batch()
     for name, fn in _loss_fns().items():
