@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from gckd_ray.errors import InputError
+
 METHODS = ("gckd", "source_only", "oracle")
 DISTILL_MODES = ("cmkd", "mnf_csc", "none")
 STRONG_VIEWS = ("student", "both", "none")
@@ -29,8 +31,10 @@ BAD_RECORD_POLICIES = ("error", "skip")
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration problem; the message names the key."""
+
+    kind = "config"
 
 
 @dataclass
@@ -439,6 +443,13 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's several-line report as one phrase with its line and column."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``a.b=value`` -> ("a.b", YAML-parsed value)."""
     if "=" not in text or text.startswith("="):
@@ -447,7 +458,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from None
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {_yaml_problem(err)}") from None
     if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
         value = float(value)  # YAML 1.1 reads "1e-4" as a string; users mean a number
     return key.strip(), value
@@ -471,7 +482,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping, got {type(loaded).__name__}")
         data = loaded

@@ -431,10 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from gckd_ray.config import ConfigError, override_config
+    from gckd_ray.config import override_config
     from gckd_ray.data.datasets import load_split
     from gckd_ray.data.tokenizer import load_tokenizer
-    from gckd_ray.distributed.checkpointing import CheckpointError, load_checkpoint_config
+    from gckd_ray.distributed.checkpointing import load_checkpoint_config
+    from gckd_ray.errors import InputError, one_line
 
     parser = argparse.ArgumentParser(
         prog="python -m gckd_ray.evaluate",
@@ -448,11 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = override_config(load_checkpoint_config(args.checkpoint), args.overrides)
-    except (ConfigError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        tokenizer = load_tokenizer(Path(args.checkpoint) / "tokenizer")
+        split = load_split(cfg, cfg.data.target, args.split, tokenizer, verbose=True)
+    except InputError as err:
+        print(one_line(err), file=sys.stderr)
         return 2
-    tokenizer = load_tokenizer(Path(args.checkpoint) / "tokenizer")
-    split = load_split(cfg, cfg.data.target, args.split, tokenizer, verbose=True)
     metrics = evaluate_split(load_encoder(args.checkpoint, cfg, tokenizer), split,
                              torch.device("cpu"))
     print(json.dumps({"split": split.name, **metrics}))

@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gckd_ray.config import DATASET_NAMES, ConfigError, override_config
+from gckd_ray.config import DATASET_NAMES, override_config
+from gckd_ray.errors import InputError, one_line
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return _search(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except InputError as err:
+        print(one_line(err), file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as err:  # bad --gallery or --top
         print(f"error: {err}", file=sys.stderr)
         return 2
 

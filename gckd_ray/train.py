@@ -12,7 +12,8 @@ from gckd_ray.distributed.runtime import use_loopback_if_local
 
 use_loopback_if_local()  # before anything imports ray
 
-from gckd_ray.config import ConfigError, help_epilog, load_config  # noqa: E402
+from gckd_ray.config import help_epilog, load_config  # noqa: E402
+from gckd_ray.errors import InputError, one_line  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from gckd_ray.distributed.launcher import run_training
 
-        run_training(cfg)  # its ConfigError: the cluster cannot place the workers
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        run_training(cfg)  # fails early on unplaceable workers and on bad data
+    except InputError as err:
+        print(one_line(err), file=sys.stderr)
         return 2
     return 0
 

@@ -15,7 +15,8 @@ from gckd_ray.distributed.runtime import use_loopback_if_local
 
 use_loopback_if_local()  # before anything imports ray
 
-from gckd_ray.config import ConfigError, help_epilog, load_config, override_config  # noqa: E402
+from gckd_ray.config import help_epilog, load_config, override_config  # noqa: E402
+from gckd_ray.errors import InputError, one_line  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         from gckd_ray.distributed.sweep import run_sweep
 
         run_sweep(cfg, resume=args.resume)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+    except InputError as err:
+        print(one_line(err), file=sys.stderr)
         return 2
     return 0
 

@@ -100,12 +100,30 @@ def test_gckd_sizes_do_not_bind_other_methods():
     assert load_config(None, ["graph.enabled=false", "graph.k=1000"]).graph.k == 1000
 
 
+def _train_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gckd_ray.train", *args],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+
+
 def test_cli_prints_config_error_and_exits_2():
-    run = subprocess.run([sys.executable, "-m", "gckd_ray.train", "bad.key=1"],
-                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    run = _train_cli("bad.key=1")
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.startswith("config error: bad: unknown key (known: ")
     assert run.stderr.count("\n") == 1
+
+
+def test_cli_prints_yaml_and_data_errors_as_one_line(tmp_path):
+    run = _train_cli("train.epochs=[1")
+    assert run.returncode == 2 and run.stderr == (
+        "config error: train.epochs: cannot parse value '[1': expected ',' or ']', but got "
+        "'<stream end>' at line 1, column 3\n")
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "reid_raw.json").write_text('[{"id": 1, "file_path"')  # truncated
+    run = _train_cli("data.source.name=cuhk-pedes", f"data.source.root={tmp_path}",
+                     f"run.output_dir={tmp_path / 'run'}")
+    assert run.returncode == 2 and run.stderr == (
+        f"data error: {tmp_path}/reid_raw.json: invalid JSON at line 1 column 23: Expecting "
+        "':' delimiter\n")
 
 
 def test_file_errors(tmp_path):

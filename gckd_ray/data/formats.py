@@ -25,6 +25,8 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import Image
 
+from gckd_ray.errors import InputError
+
 IMAGE_DIR = "imgs"
 BAD_RECORD_POLICIES = ("error", "skip")
 
@@ -51,8 +53,10 @@ SYNTH_FORMATS: Mapping[str, str] = MappingProxyType({
 DATASET_NAMES = (*FORMATS, *SYNTH_FORMATS)
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(InputError):
     """Bad dataset input; the message names the file, and the record index when there is one."""
+
+    kind = "data"
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ import yaml
 
 from gckd_ray.config import Config, config_from_dict, save_config
 from gckd_ray.distributed.memory import MEMORY_FILE, read_state, write_state
+from gckd_ray.errors import InputError
 
 
 MANIFEST = "manifest-rank{rank:03d}.json"
@@ -48,8 +49,10 @@ MANIFEST = "manifest-rank{rank:03d}.json"
 CHECKPOINT_FORMAT = 2
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """An incomplete or corrupted checkpoint; the message names the file."""
+
+    kind = "checkpoint"
 
 
 @contextlib.contextmanager

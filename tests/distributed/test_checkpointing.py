@@ -107,7 +107,7 @@ def test_evaluate_refuses_a_corrupted_checkpoint(tmp_path, capsys):
     (ckpt / "model.pt").write_bytes((ckpt / "model.pt").read_bytes()[:-7])
     assert evaluate_main(["--checkpoint", str(ckpt)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {ckpt}/model.pt: truncated or overwritten (") and \
+    assert err.startswith(f"checkpoint error: {ckpt}/model.pt: truncated or overwritten (") and \
         err.count("\n") == 1
 
 

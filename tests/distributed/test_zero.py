@@ -154,7 +154,7 @@ def test_resume_passes_over_a_corrupted_latest_checkpoint(tiny_config, zero3_who
     data[len(data) // 2] ^= 0xFF
     model.write_bytes(bytes(data))
     assert evaluate_main(["--checkpoint", str(latest)]) == 2
-    assert capsys.readouterr().err == (f"error: {model}: corrupted (its sha256 differs from the "
+    assert capsys.readouterr().err == (f"checkpoint error: {model}: corrupted (its sha256 differs from the "
                                        "one in manifest-rank000.json)\n")
 
     resumed = run_training(tiny_config(*GCKD, "deepspeed.zero_stage=3", f"run.output_dir={run}",
