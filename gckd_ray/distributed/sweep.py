@@ -176,13 +176,13 @@ def concurrent_trials(cfg: Config, cluster_cpus: float, local: bool) -> int:
 
 
 def asha(cfg: Config):
-    from ray.tune.schedulers import ASHAScheduler
+    from gckd_ray.distributed.resumable_asha import ResumableASHA
 
     warmup = cfg.gckd.warmup_epochs if cfg.method == "gckd" else 0
     grace = min(cfg.train.epochs, warmup + cfg.tune.grace_epochs)
     # max_t one past the schedule: ASHA stops a trial that reaches max_t at once, before its
     # run has shut down and written results.json; a full-length trial should end by itself.
-    return ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs + 1, grace_period=grace,
+    return ResumableASHA(time_attr="epoch", max_t=cfg.train.epochs + 1, grace_period=grace,
                          reduction_factor=cfg.tune.reduction_factor)
 
 
