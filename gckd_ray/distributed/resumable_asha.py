@@ -40,6 +40,8 @@ class ResumableASHA(ASHAScheduler):
 
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
+        if not trial.storage.trial_dir_name:
+            return  # a new trial: no folder yet (``trial.path`` would raise), no results
         bracket = self._trial_info[trial.trial_id]
         for result in saved_results(trial.path):
             if self._time_attr in result and self._metric in result:

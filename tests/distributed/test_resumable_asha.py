@@ -14,15 +14,33 @@ from gckd_ray.distributed.resumable_asha import saved_results
 EARLIER = {"a": {13: 20.9, 14: 18.9, 15: 22.3}, "b": {13: 27.5, 14: 25.1, 15: 28.0}}
 
 
+class _Trial:
+    """A trial as the scheduler sees it: its id and, once Tune has named its folder, the folder
+    (holding Tune's result.json); like Tune's ``Trial.path``, ``path`` raises before that."""
+
+    def __init__(self, trial_id: str, folder=None):
+        self.trial_id = trial_id
+        self.storage = SimpleNamespace(trial_dir_name=folder.name if folder else None)
+        self._folder = folder
+
+    @property
+    def path(self) -> str:
+        if self._folder is None:
+            raise RuntimeError("Should not access `trial_fs_path` without setting "
+                               "`trial_dir_name`")
+        return str(self._folder)
+
+
 def _trial(tmp_path, trial_id: str, results: dict[int, float] | None = None, cut_short=False):
-    """A trial as the scheduler sees it: its id and its folder with Tune's result.json."""
+    """A restored trial with ``results`` saved, or (no results) a new one."""
+    if not results:
+        return _Trial(trial_id)
     folder = tmp_path / trial_id
     folder.mkdir(parents=True)
-    if results:
-        lines = [json.dumps({"epoch": e, "target_mnn": v}) for e, v in results.items()]
-        text = "\n".join(lines) + "\n" + ('{"epoch": 16, "target_' if cut_short else "")
-        (folder / "result.json").write_text(text)
-    return SimpleNamespace(trial_id=trial_id, path=str(folder))
+    lines = [json.dumps({"epoch": e, "target_mnn": v}) for e, v in results.items()]
+    text = "\n".join(lines) + "\n" + ('{"epoch": 16, "target_' if cut_short else "")
+    (folder / "result.json").write_text(text)
+    return _Trial(trial_id, folder)
 
 
 def _restored(scheduler, tmp_path):
@@ -30,7 +48,7 @@ def _restored(scheduler, tmp_path):
     scheduler.set_search_properties("target_mnn", "max")
     for trial_id, results in EARLIER.items():
         scheduler.on_trial_add(None, _trial(tmp_path, trial_id, results, cut_short=True))
-    poor = _trial(tmp_path, "c")
+    poor = _trial(tmp_path, "c")  # new: added before Tune names its folder
     scheduler.on_trial_add(None, poor)
     return scheduler, poor
 
@@ -52,5 +70,6 @@ def test_restored_rungs_stop_a_poor_trial_that_a_plain_asha_would_let_run(tmp_pa
 def test_saved_results_of_a_new_trial_and_a_cut_short_file(tmp_path):
     assert saved_results(None) == [] and saved_results(str(tmp_path)) == []
     trial = _trial(tmp_path, "t", {1: 0.5, 2: 0.75}, cut_short=True)
+    assert trial.storage.trial_dir_name == "t"
     assert saved_results(trial.path) == [{"epoch": 1, "target_mnn": 0.5},
                                          {"epoch": 2, "target_mnn": 0.75}]
