@@ -195,8 +195,11 @@ class TrainConfig:
     # every epoch for the label-free selection criterion target_mnn; 0 = off.
     label_free_samples: int = 1000
     # Prepare the next batch (fetch, decode, augment) in a background thread during the step;
-    # the batches and the augmentation stream are the same either way.
-    prefetch: bool = True
+    # the batches and the augmentation stream are the same either way. Off by default: where
+    # the workers already fill the CPU cores (CPU training) the thread only competes with them
+    # (2 workers on 2 cores: 239 against 268 pairs/s, benchmarks/RESULTS.md); turn it on where
+    # host cores idle during the step (GPU nodes).
+    prefetch: bool = False
 
 
 @dataclass
@@ -616,7 +619,8 @@ KEY_HELP: dict[str, str] = {
                                 "scored each epoch by the label-free criterion target_mnn "
                                 "(0 = off)",
     "train.prefetch": "prepare the next batch (fetch, decode, augment) in a background thread "
-                      "while the step runs; false = in the step's thread (identical results)",
+                      "while the step runs (identical results); worth it where host cores idle "
+                      "during the step, e.g. GPU nodes",
     "deepspeed.zero_stage": "ZeRO stage of the student and teacher (0: replicated, 1: optimizer "
                             "states, 2: + gradients, 3: + parameters sharded)",
     "deepspeed.gradient_accumulation_steps": "micro-batches per optimizer step",

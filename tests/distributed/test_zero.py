@@ -24,11 +24,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def zero3_stopped(ray_session, tiny_config_at, tmp_path_factory):
     """A ZeRO-3 run stopped after epoch 1: the stage comparison's ZeRO-3 epoch and the resume
-    test's first half (one run serves both). It prepares batches without the prefetch thread,
-    the resumed half with it: the checkpointed augmentation stream must be the same."""
+    test's first half (one run serves both). It prepares batches with the prefetch thread, the
+    resumed half without it: the checkpointed augmentation stream must be the same."""
     out = tmp_path_factory.mktemp("zero3-stopped")
     results = run_training(tiny_config_at(out, *GCKD, "deepspeed.zero_stage=3",
-                                          "run.stop_after_epochs=1", "train.prefetch=false"))
+                                          "run.stop_after_epochs=1", "train.prefetch=true"))
     assert [h["epoch"] for h in results["history"]] == [1]
     return out, results
 
