@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Generic, TypeVar
 
@@ -45,17 +44,13 @@ class Prefetcher(Generic[T, U]):
         depth: prepared batches held ahead of the consumer (1: batch t+1 is prepared while the
             consumer works on batch t).
         enabled: False calls ``prepare`` in the consumer's thread (same results, no thread).
-
-    Attributes:
-        wait_s: seconds the consumer spent waiting for its batches (all of ``prepare``'s time
-            when disabled).
     """
 
     def __init__(self, items: Iterable[T], prepare: Callable[[T], U], depth: int = 1,
                  enabled: bool = True):
         if depth < 1:
             raise ValueError(f"Prefetcher depth must be >= 1, got {depth}")
-        self.enabled, self.wait_s = enabled, 0.0
+        self.enabled = enabled
         self._items, self._prepare = iter(items), prepare
         self._ready: queue.SimpleQueue = queue.SimpleQueue()  # ("batch" | "error" | "end", x)
         self._slots = threading.Semaphore(depth)  # one per batch prepared but not yet taken
@@ -99,17 +94,12 @@ class Prefetcher(Generic[T, U]):
     def __iter__(self) -> Iterator[U]:
         if not self.enabled:
             for item in self._items:
-                start = time.perf_counter()
-                batch = self._prepare(item)
-                self.wait_s += time.perf_counter() - start
-                yield batch
+                yield self._prepare(item)
             return
         if self._thread is None:
             raise RuntimeError("iterate a Prefetcher inside its `with` block")
         while True:
-            start = time.perf_counter()
             kind, value = self._ready.get()
-            self.wait_s += time.perf_counter() - start
             if kind == "end":
                 return
             if kind == "error":
