@@ -33,6 +33,14 @@ def test_protocol_table_plots_and_results_section(tmp_path):
     assert "| C2I (synth-cuhk -> synth-icfg) | gckd | 32.00 ± 2.00 |" in text
     assert "| R2C (synth-rstp -> synth-cuhk) | source_only | 5.00 ± 0.00 |" in text
     assert "selection: last epoch" in text and "`train.epochs=3`" in text
+    summary = run_protocols.r1_summary(table)
+    assert "| protocol | source_only | gckd | gckd − source_only |" in summary
+    assert "| C2I | 11.00 | 32.00 | +21.00 |" in summary
+    assert "| mean | 8.00 | 26.50 | +18.50 |" in summary
+    published = run_protocols.published_table(["C2I", "R2C"])
+    assert "| C2I (cuhk -> icfg) | 43.04 | 63.46 |" in published
+    assert "| R2C (rstp -> cuhk) | 35.25 | 73.38 |" in published
+    assert "not reproduced" in published
     for plot in (run_protocols.plot_bars, run_protocols.plot_curves):
         path = tmp_path / f"{plot.__name__}.png"
         plot(table, path)
