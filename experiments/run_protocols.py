@@ -77,6 +77,11 @@ def _stats(runs: list[dict], metric: str) -> tuple[float, float]:
     return statistics.mean(values), statistics.pstdev(values)
 
 
+def _cell(runs: list[dict], metric: str) -> str:
+    mean, std = _stats(runs, metric)
+    return f"{mean:.2f}" if len(runs) == 1 else f"{mean:.2f} ± {std:.2f}"  # no std of one run
+
+
 def markdown(table: dict, seeds, extra) -> str:
     first = next(iter(next(iter(table.values())).values()))[0]
     lines = [f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), mean ± std of the final model; "
@@ -86,7 +91,7 @@ def markdown(table: dict, seeds, extra) -> str:
     for protocol, variants in table.items():
         source, target = PROTOCOLS[protocol]
         for variant, runs in variants.items():
-            cells = " | ".join("{:.2f} ± {:.2f}".format(*_stats(runs, m)) for m in METRICS)
+            cells = " | ".join(_cell(runs, m) for m in METRICS)
             lines.append(f"| {protocol} ({source} -> {target}) | {variant} | {cells} |")
     return "\n".join(lines) + "\n"
 

@@ -33,6 +33,8 @@ def test_protocol_table_plots_and_results_section(tmp_path):
     assert "| C2I (synth-cuhk -> synth-icfg) | gckd | 32.00 ± 2.00 |" in text
     assert "| R2C (synth-rstp -> synth-cuhk) | source_only | 5.00 ± 0.00 |" in text
     assert "selection: last epoch" in text and "`train.epochs=3`" in text
+    one_seed = run_protocols.markdown({"C2I": {"gckd": [_fake_results(30.0)]}}, [0], [])
+    assert "| C2I (synth-cuhk -> synth-icfg) | gckd | 30.00 | 40.00 |" in one_seed
     summary = run_protocols.r1_summary(table)
     assert "| protocol | source_only | gckd | gckd − source_only |" in summary
     assert "| C2I | 11.00 | 32.00 | +21.00 |" in summary
