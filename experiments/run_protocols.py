@@ -219,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m experiments.run_protocols", *(argv or sys.argv[1:])])
     doc = Path(args.doc)
     links = [os.path.relpath(p, doc.parent) for p in (bars, curves)]
+    summary = r1_summary(table)
     section = (f"```bash\n{command}\n```\n\n{text}\nR@1 per protocol (mean over seeds):\n\n"
-               f"{r1_summary(table)}\n![R@1 per protocol]({links[0]})\n"
+               f"{summary}\n![R@1 per protocol]({links[0]})\n"
                f"![target R@1 per epoch]({links[1]})\n\n{published_table(args.protocols)}")
     update_results_doc(doc, section)
-    print(text + "\n" + r1_summary(table))
+    print(text + "\n" + summary)
     return 0
 
 
