@@ -2,12 +2,15 @@
 tabulate, plot, and regenerate the protocols section of experiments/RESULTS.md.
 
     python -m experiments.run_protocols [--seeds 0 1 2] [--jobs 2] [--runs runs/protocols] \\
-        [--variants source_only gckd gckd_mnf_csc] [--protocols C2I C2R ...] [key=value ...]
+        [--variants source_only gckd gckd_mnf_csc] [--protocols C2I C2R ...] \\
+        [--recorded earlier_protocols.json ...] [key=value ...]
 
 Every run is ``python -m gckd_ray.train`` in its own process (``run_table.run_one``: a finished
-run is reused, so an interrupted table resumes), under ``<runs>/<protocol>/``. Writes
+run is reused, so an interrupted table resumes), under ``<runs>/<protocol>/``;
+``--recorded`` also reuses the final metrics of (protocol, variant, seed) runs that an earlier
+protocols JSON recorded, and the table says so. Writes
 ``experiments/results/protocols.{md,json}``, ``protocols.png`` (R@1 per protocol and method)
-and ``protocol_curves.png`` (target R@1 per epoch), and replaces the text between the
+and ``protocols_curves.png`` (target R@1 per epoch), and replaces the text between the
 ``protocols`` markers of experiments/RESULTS.md. The reported model of every run is its last
 epoch: no target labels select anything.
 """
@@ -24,7 +27,8 @@ import threading
 import time
 from pathlib import Path
 
-from experiments.run_table import METRICS, VARIANTS, run_one
+from experiments.run_table import METRICS, VARIANTS, recorded_finals, reused_note, run_one
+from gckd_ray.distributed.results import SELECTION
 
 PROTOCOLS: dict[str, tuple[str, str]] = {
     "C2I": ("synth-cuhk", "synth-icfg"), "C2R": ("synth-cuhk", "synth-rstp"),
@@ -49,8 +53,21 @@ def protocol_overrides(protocol: str) -> list[str]:
     return [f"data.source.name={source}", f"data.target.name={target}"]
 
 
-def run_all(protocols, variants, seeds, root: Path, extra, jobs: int) -> dict:
-    """``{protocol: {variant: [results.json per seed]}}``; ``jobs`` runs at a time."""
+def load_recorded(paths: list[str]) -> dict[tuple[str, str, int], dict]:
+    """(protocol, variant, seed) -> a results-like dict from earlier protocols JSON files."""
+    recorded = {}
+    for path in paths:
+        for protocol, rows in json.loads(Path(path).read_text()).items():
+            recorded.update({(protocol, *key): result
+                             for key, result in recorded_finals(rows, path).items()})
+    return recorded
+
+
+def run_all(protocols, variants, seeds, root: Path, extra, jobs: int,
+            recorded: dict | None = None) -> dict:
+    """``{protocol: {variant: [results.json per seed]}}``; ``jobs`` runs at a time. A run with
+    no results.json under ``root`` but a ``recorded`` final is not rerun."""
+    recorded = recorded or {}
     tasks = [(p, v, s) for p in protocols for v in variants for s in seeds]
     lock, last_start = threading.Lock(), [0.0]
 
@@ -58,7 +75,10 @@ def run_all(protocols, variants, seeds, root: Path, extra, jobs: int) -> dict:
         protocol, variant, seed = task
         folder = root / protocol
         folder.mkdir(parents=True, exist_ok=True)
-        if not (folder / f"{variant}-seed{seed}" / "results.json").is_file():
+        done = (folder / f"{variant}-seed{seed}" / "results.json").is_file()
+        if not done and task in recorded:
+            return recorded[task]
+        if not done:
             with lock:  # stagger starts; a reused run needs no wait
                 time.sleep(max(0.0, last_start[0] + STAGGER_S - time.monotonic()))
                 last_start[0] = time.monotonic()
@@ -83,9 +103,11 @@ def _cell(runs: list[dict], metric: str) -> str:
 
 
 def markdown(table: dict, seeds, extra) -> str:
-    first = next(iter(next(iter(table.values())).values()))[0]
+    runs = [r for variants in table.values() for seed_runs in variants.values() for r in seed_runs]
+    selection = next((r["selection"] for r in runs if "selection" in r), SELECTION)
     lines = [f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), mean ± std of the final model; "
-             f"selection: {first['selection']}. Overrides: `{' '.join(extra) or '(none)'}`.", "",
+             f"selection: {selection}. Overrides: `{' '.join(extra) or '(none)'}`.",
+             *reused_note(runs), "",
              "| protocol | variant | " + " | ".join(METRICS) + " |",
              "|---" * (len(METRICS) + 2) + "|"]
     for protocol, variants in table.items():
@@ -155,7 +177,8 @@ def plot_bars(table: dict, path: Path) -> None:
 
 
 def plot_curves(table: dict, path: Path) -> None:
-    """Target R@1 after every epoch, mean over seeds, one panel per protocol."""
+    """Target R@1 after every epoch, mean over the seeds whose runs kept a history (recorded
+    finals have none), one panel per protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,7 +186,10 @@ def plot_curves(table: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(11, 6), squeeze=False)
     for ax, (protocol, variants) in zip(axes.flat, table.items()):
-        for variant, runs in variants.items():
+        for variant, all_runs in variants.items():
+            runs = [r for r in all_runs if "history" in r]
+            if not runs:
+                continue
             epochs = [h["epoch"] for h in runs[0]["history"]]
             mean = [statistics.mean(r["history"][i]["R1"] for r in runs)
                     for i in range(len(epochs))]
@@ -202,10 +228,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="experiments/results/protocols.md")
     parser.add_argument("--doc", default=str(RESULTS_DOC), help="markdown file whose protocols "
                         "section is regenerated")
+    parser.add_argument("--recorded", nargs="*", default=[], metavar="JSON",
+                        help="earlier protocols JSON: their (protocol, variant, seed) finals are "
+                             "reused instead of rerun (only without overrides)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
+    if args.recorded and args.overrides:
+        parser.error("--recorded finals were measured without overrides")
+    if missing := [path for path in args.recorded if not Path(path).is_file()]:
+        parser.error(f"--recorded: no such file: {', '.join(missing)}")
     table = run_all(args.protocols, args.variants, args.seeds, Path(args.runs), args.overrides,
-                    args.jobs)
+                    args.jobs, load_recorded(args.recorded))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     text = markdown(table, args.seeds, args.overrides)

@@ -67,15 +67,29 @@ def run_one(variant: str, seed: int, root: Path, extra: list[str]) -> dict:
     return json.loads(results.read_text())
 
 
+def recorded_finals(rows: dict[str, list[dict]], path) -> dict[tuple[str, int], dict]:
+    """(variant, seed) -> a results-like dict from one table's ``{variant: [row per seed]}``."""
+    return {(variant, row["seed"]): {"final": {m: row[m] for m in METRICS},
+                                     "recorded_in": str(path)}
+            for variant, seed_rows in rows.items() for row in seed_rows}
+
+
 def load_recorded(paths: list[str]) -> dict[tuple[str, int], dict]:
     """(variant, seed) -> a results-like dict from earlier tables' JSON files."""
     recorded = {}
     for path in paths:
-        for variant, rows in json.loads(Path(path).read_text()).items():
-            for row in rows:
-                final = {m: row[m] for m in METRICS}
-                recorded[(variant, row["seed"])] = {"final": final, "recorded_in": path}
+        recorded.update(recorded_finals(json.loads(Path(path).read_text()), path))
     return recorded
+
+
+def reused_note(runs: list[dict]) -> list[str]:
+    """The sentence saying which runs are recorded finals rather than runs of this command."""
+    reused = sorted({r["recorded_in"] for r in runs if "recorded_in" in r})
+    if not reused:
+        return []
+    count = sum("recorded_in" in r for r in runs)
+    return [f"{count} of {len(runs)} runs reused from the recorded finals of: "
+            f"{', '.join(f'`{p}`' for p in reused)}."]
 
 
 def summarise(rows: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
@@ -100,12 +114,7 @@ def markdown(summary, rows, extra: list[str]) -> str:
     lines = [f"Protocol `{protocol}`, {len(next(iter(rows.values())))} seeds, mean ± std of the "
              f"final model; selection: {selection}.",
              f"Overrides: `{' '.join(extra) or '(none)'}`."]
-    reused = sorted({r["recorded_in"] for runs in rows.values() for r in runs
-                     if "recorded_in" in r})
-    if reused:
-        count = sum("recorded_in" in r for runs in rows.values() for r in runs)
-        lines.append(f"{count} of {sum(map(len, rows.values()))} runs reused from the recorded "
-                     f"finals of: {', '.join(f'`{p}`' for p in reused)}.")
+    lines += reused_note([r for runs in rows.values() for r in runs])
     lines += ["",
              "| variant | target training data | " + " | ".join(METRICS) + " |",
              "|---" * (len(METRICS) + 2) + "|"]
@@ -129,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.recorded and args.overrides:
         parser.error("--recorded finals were measured without overrides")
+    if missing := [path for path in args.recorded if not Path(path).is_file()]:
+        parser.error(f"--recorded: no such file: {', '.join(missing)}")
     root = Path(args.runs)
     root.mkdir(parents=True, exist_ok=True)
     recorded = load_recorded(args.recorded)

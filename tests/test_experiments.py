@@ -1,5 +1,7 @@
 """The offline diagnostics of experiments/ (the end-to-end call is in distributed/test_train)."""
 
+import pytest
+
 from experiments.diagnose_gap import canonical_caption
 from gckd_ray.data.synthetic import CAPTION_STYLES
 
@@ -74,3 +76,32 @@ def test_run_table_reuses_recorded_finals_and_says_so(tmp_path, capsys):
     assert "| oracle | labelled (upper bound) | 32.00 ± 2.00 |" in text
     assert f"2 of 2 runs reused from the recorded finals of: `{recorded}`" in text
     assert json.loads(out.with_suffix(".json").read_text())["oracle"][1]["R1"] == 34.0
+
+
+def test_protocols_reuse_finished_runs_and_recorded_finals_and_say_so(tmp_path):
+    import json
+
+    from experiments import run_protocols
+
+    finished = tmp_path / "runs" / "C2I" / "gckd-seed0"
+    finished.mkdir(parents=True)
+    (finished / "results.json").write_text(json.dumps(_fake_results(30.0)))
+    row = {"R1": 10.0, "R5": 20.0, "R10": 30.0, "mAP": 15.0, "mINP": 12.0}
+    recorded = tmp_path / "earlier.json"
+    recorded.write_text(json.dumps({"C2I": {
+        "source_only": [{"seed": 0, **row}, {"seed": 1, **dict(row, R1=12.0)}],
+        "gckd": [{"seed": 0, **dict(row, R1=99.0)}, {"seed": 1, **dict(row, R1=34.0)}]}}))
+    out, doc = tmp_path / "protocols.md", tmp_path / "RESULTS.md"
+    assert run_protocols.main(["--protocols", "C2I", "--variants", "source_only", "gckd",
+                               "--seeds", "0", "1", "--runs", str(tmp_path / "runs"),
+                               "--out", str(out), "--doc", str(doc),
+                               "--recorded", str(recorded)]) == 0  # nothing left to run
+    text = out.read_text()
+    assert f"3 of 4 runs reused from the recorded finals of: `{recorded}`" in text
+    # the finished run's own results.json wins over a recorded final for the same seed
+    assert "| C2I (synth-cuhk -> synth-icfg) | gckd | 32.00 ± 2.00 |" in text
+    assert "| C2I | 11.00 | 32.00 | +21.00 |" in doc.read_text()
+    assert json.loads(out.with_suffix(".json").read_text())["C2I"]["gckd"][1]["R1"] == 34.0
+    assert out.with_name("protocols_curves.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        run_protocols.main(["train.epochs=3", "--recorded", str(recorded)])
