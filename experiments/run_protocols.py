@@ -1,12 +1,14 @@
 """Run source-only, GCKD and GCKD+MNF/CSC over the six SynthPEDES protocols, several seeds;
 tabulate, plot, and regenerate the protocols section of experiments/RESULTS.md.
 
-    python -m experiments.run_protocols [--seeds 0 1 2] [--jobs 2] [--runs runs/protocols] \\
+    python -m experiments.run_protocols [--seeds 0 1 2] [--jobs 2] [--runs DIR] \\
         [--variants source_only gckd gckd_mnf_csc] [--protocols C2I C2R ...] \\
         [--recorded earlier_protocols.json ...] [key=value ...]
 
 Every run is ``python -m gckd_ray.train`` in its own process (``run_table.run_one``: a finished
-run is reused, so an interrupted table resumes), under ``<runs>/<protocol>/``;
+run is reused, so an interrupted table resumes), under ``<runs>/<protocol>/``. Under the
+default ``<runs>``, inside the repository, git keeps only each run's results.json, so the
+committed finished runs are reused on any machine and a table can be finished across sessions.
 ``--recorded`` also reuses the final metrics of (protocol, variant, seed) runs that an earlier
 protocols JSON recorded, and the table says so. Writes
 ``experiments/results/protocols.{md,json}``, ``protocols.png`` (R@1 per protocol and method)
@@ -37,6 +39,7 @@ PROTOCOLS: dict[str, tuple[str, str]] = {
 }
 DEFAULT_VARIANTS = ("source_only", "gckd", "gckd_mnf_csc")
 RESULTS_DOC = Path("experiments/RESULTS.md")
+RUNS = Path("experiments/results/protocol_runs")
 # Published IRRA R@1 (shared/DESIGN.md section 6) on the real datasets these protocols mimic:
 # direct transfer (trained on the source, tested on the target) and in-domain (the target's own
 # training split). Published numbers, not reproduced here.
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                         choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
-    parser.add_argument("--runs", default="runs/protocols", help="folder for the runs")
+    parser.add_argument("--runs", default=str(RUNS), help="folder for the runs (git keeps "
+                        "only their results.json under the default)")
     parser.add_argument("--out", default="experiments/results/protocols.md")
     parser.add_argument("--doc", default=str(RESULTS_DOC), help="markdown file whose protocols "
                         "section is regenerated")
