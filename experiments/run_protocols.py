@@ -188,20 +188,28 @@ def plot_curves(table: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 3, figsize=(11, 6), squeeze=False)
+    for ax in axes.flat[len(table):]:
+        ax.set_visible(False)
     for ax, (protocol, variants) in zip(axes.flat, table.items()):
+        seeds = 0
         for variant, all_runs in variants.items():
             runs = [r for r in all_runs if "history" in r]
             if not runs:
                 continue
+            seeds = max(seeds, len(runs))
             epochs = [h["epoch"] for h in runs[0]["history"]]
             mean = [statistics.mean(r["history"][i]["R1"] for r in runs)
                     for i in range(len(epochs))]
             ax.plot(epochs, mean, label=variant)
-        ax.set_title(protocol, fontsize=9)
+        if not seeds:
+            ax.text(0.5, 0.5, "no per-epoch history\n(recorded finals only)", ha="center",
+                    va="center", transform=ax.transAxes, fontsize=8)
+        ax.set_title(f"{protocol} (mean of {seeds} seed(s) with a history)", fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("target R@1 (%)")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=7)
+        if seeds and not fig.legends:
+            fig.legend(*ax.get_legend_handles_labels(), loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
