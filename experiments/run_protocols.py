@@ -29,7 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from experiments.run_table import METRICS, VARIANTS, recorded_finals, reused_note, run_one
+from experiments.run_table import (METRICS, VARIANTS, parse_with_recorded, recorded_finals,
+                                   reused_note, run_one)
 from gckd_ray.distributed.results import SELECTION
 
 PROTOCOLS: dict[str, tuple[str, str]] = {
@@ -240,15 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="experiments/results/protocols.md")
     parser.add_argument("--doc", default=str(RESULTS_DOC), help="markdown file whose protocols "
                         "section is regenerated")
-    parser.add_argument("--recorded", nargs="*", default=[], metavar="JSON",
-                        help="earlier protocols JSON: their (protocol, variant, seed) finals are "
-                             "reused instead of rerun (only without overrides)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    if args.recorded and args.overrides:
-        parser.error("--recorded finals were measured without overrides")
-    if missing := [path for path in args.recorded if not Path(path).is_file()]:
-        parser.error(f"--recorded: no such file: {', '.join(missing)}")
+    args = parse_with_recorded(parser, argv,
+                               "earlier protocols JSON: their (protocol, variant, seed)")
     table = run_all(args.protocols, args.variants, args.seeds, Path(args.runs), args.overrides,
                     args.jobs, load_recorded(args.recorded))
     out = Path(args.out)

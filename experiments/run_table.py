@@ -92,6 +92,19 @@ def reused_note(runs: list[dict]) -> list[str]:
             f"{', '.join(f'`{p}`' for p in reused)}."]
 
 
+def parse_with_recorded(parser: argparse.ArgumentParser, argv, what: str) -> argparse.Namespace:
+    """Add ``--recorded`` and the trailing overrides, parse, and refuse what cannot be reused."""
+    parser.add_argument("--recorded", nargs="*", default=[], metavar="JSON",
+                        help=f"{what} finals are reused instead of rerun (only without overrides)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    if args.recorded and args.overrides:
+        parser.error("--recorded finals were measured without overrides")
+    if missing := [path for path in args.recorded if not Path(path).is_file()]:
+        parser.error(f"--recorded: no such file: {', '.join(missing)}")
+    return args
+
+
 def summarise(rows: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
     return {v: {m: (statistics.mean(r["final"][m] for r in runs),
                     statistics.pstdev(r["final"][m] for r in runs)) for m in METRICS}
@@ -131,15 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--runs", default="runs/table", help="folder for the runs")
     parser.add_argument("--out", default="experiments/results/table.md")
-    parser.add_argument("--recorded", nargs="*", default=[], metavar="JSON",
-                        help="earlier tables' JSON: their (variant, seed) finals are reused "
-                             "instead of rerun (only without overrides)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
-    if args.recorded and args.overrides:
-        parser.error("--recorded finals were measured without overrides")
-    if missing := [path for path in args.recorded if not Path(path).is_file()]:
-        parser.error(f"--recorded: no such file: {', '.join(missing)}")
+    args = parse_with_recorded(parser, argv, "earlier tables' JSON: their (variant, seed)")
     root = Path(args.runs)
     root.mkdir(parents=True, exist_ok=True)
     recorded = load_recorded(args.recorded)
