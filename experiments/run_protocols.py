@@ -75,18 +75,17 @@ def run_all(protocols, variants, seeds, root: Path, extra, jobs: int,
     tasks = [(p, v, s) for p in protocols for v in variants for s in seeds]
     lock, last_start = threading.Lock(), [0.0]
 
+    def stagger():  # only before a new run: a reused one needs no wait
+        with lock:
+            time.sleep(max(0.0, last_start[0] + STAGGER_S - time.monotonic()))
+            last_start[0] = time.monotonic()
+
     def one(task):
         protocol, variant, seed = task
         folder = root / protocol
         folder.mkdir(parents=True, exist_ok=True)
-        done = (folder / f"{variant}-seed{seed}" / "results.json").is_file()
-        if not done and task in recorded:
-            return recorded[task]
-        if not done:
-            with lock:  # stagger starts; a reused run needs no wait
-                time.sleep(max(0.0, last_start[0] + STAGGER_S - time.monotonic()))
-                last_start[0] = time.monotonic()
-        return run_one(variant, seed, folder, [*protocol_overrides(protocol), *extra])
+        return run_one(variant, seed, folder, [*protocol_overrides(protocol), *extra],
+                       recorded.get(task), stagger)
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         results = list(pool.map(one, tasks))

@@ -52,18 +52,25 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
-def run_one(variant: str, seed: int, root: Path, extra: list[str]) -> dict:
+def run_one(variant: str, seed: int, root: Path, extra: list[str], recorded: dict | None = None,
+            before_start=lambda: None) -> dict:
+    """The results of ``root/<variant>-seed<seed>``: the finished run there, else ``recorded``
+    (a final an earlier table recorded), else a new ``python -m gckd_ray.train`` run, started
+    after ``before_start()`` returns."""
     out = root / f"{variant}-seed{seed}"
     results = out / "results.json"
-    if not results.is_file():
-        cmd = [sys.executable, "-m", "gckd_ray.train", *VARIANTS[variant], f"run.seed={seed}",
-               f"run.output_dir={out}", *extra]
-        print(f"[{time.strftime('%H:%M:%S')}] {variant} seed {seed}: {' '.join(cmd[1:])}",
-              flush=True)
-        start = time.perf_counter()
-        with open(root / f"{variant}-seed{seed}.log", "w") as log:
-            subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
-        print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
+    if results.is_file():
+        return json.loads(results.read_text())
+    if recorded is not None:
+        return recorded
+    before_start()
+    cmd = [sys.executable, "-m", "gckd_ray.train", *VARIANTS[variant], f"run.seed={seed}",
+           f"run.output_dir={out}", *extra]
+    print(f"[{time.strftime('%H:%M:%S')}] {variant} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+    start = time.perf_counter()
+    with open(root / f"{variant}-seed{seed}.log", "w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+    print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
     return json.loads(results.read_text())
 
 
@@ -149,13 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     recorded = load_recorded(args.recorded)
 
-    def result(variant: str, seed: int) -> dict:
-        done = (root / f"{variant}-seed{seed}" / "results.json").is_file()
-        if not done and (variant, seed) in recorded:
-            return recorded[(variant, seed)]
-        return run_one(variant, seed, root, args.overrides)
-
-    rows = {v: [result(v, s) for s in args.seeds] for v in args.variants}
+    rows = {v: [run_one(v, s, root, args.overrides, recorded.get((v, s))) for s in args.seeds]
+            for v in args.variants}
     summary = summarise(rows)
     text = markdown(summary, rows, args.overrides)
     out = Path(args.out)

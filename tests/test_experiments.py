@@ -78,6 +78,22 @@ def test_run_table_reuses_recorded_finals_and_says_so(tmp_path, capsys):
     assert json.loads(out.with_suffix(".json").read_text())["oracle"][1]["R1"] == 34.0
 
 
+def test_run_one_prefers_the_finished_run_then_the_recorded_final_and_starts_nothing(tmp_path):
+    import json
+
+    from experiments import run_table
+
+    finished = tmp_path / "gckd-seed0"
+    finished.mkdir()
+    (finished / "results.json").write_text(json.dumps(_fake_results(30.0)))
+    recorded = {"final": dict(_fake_results(99.0)["final"]), "recorded_in": "earlier.json"}
+    starts = []
+    assert run_table.run_one("gckd", 0, tmp_path, [], recorded,
+                             lambda: starts.append(0))["final"]["R1"] == 30.0
+    assert run_table.run_one("gckd", 1, tmp_path, [], recorded, lambda: starts.append(1)) is recorded
+    assert starts == []  # neither waited for a start slot
+
+
 def test_protocols_reuse_finished_runs_and_recorded_finals_and_say_so(tmp_path):
     import json
 
