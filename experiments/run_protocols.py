@@ -204,13 +204,16 @@ def plot_curves(table: dict, path: Path) -> None:
         if not seeds:
             ax.text(0.5, 0.5, "no per-epoch history\n(recorded finals only)", ha="center",
                     va="center", transform=ax.transAxes, fontsize=8)
+            ax.set_xticks([])  # an empty 0-1 scale would read as data
+            ax.set_yticks([])
         ax.set_title(f"{protocol} (mean of {seeds} seed(s) with a history)", fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("target R@1 (%)")
         ax.grid(alpha=0.3)
         if seeds and not fig.legends:
-            fig.legend(*ax.get_legend_handles_labels(), loc="lower right", fontsize=8)
-    fig.tight_layout()
+            handles, labels = ax.get_legend_handles_labels()
+            fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))  # room for the legend above the panels
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
