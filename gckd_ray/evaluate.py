@@ -32,6 +32,7 @@ import torch
 
 from gckd_ray.data.transforms import normalize
 from gckd_ray.model.centring import TARGET
+from gckd_ray.model.precision import compute_dtype
 
 __all__ = ["mutual_nn_agreement", "retrieval_metrics", "retrieval_metrics_from_embeddings"]
 
@@ -118,8 +119,9 @@ def mutual_nn_agreement(texts: Any, images: Any, chunk_size: int = 4096) -> floa
     Args:
         texts: (N, D) caption embeddings; images: (M, D) image embeddings (normalised).
     """
-    texts = _as_tensor(texts, "texts").float()
-    images = _as_tensor(images, "images").to(texts.device, torch.float32)
+    texts, images = _as_tensor(texts, "texts"), _as_tensor(images, "images")
+    dtype = compute_dtype(texts, images)
+    texts, images = texts.to(dtype), images.to(texts.device, dtype)
     if texts.dim() != 2 or images.dim() != 2 or texts.shape[1] != images.shape[1] or \
             not len(texts) or not len(images):
         raise ValueError(f"need non-empty (N, D) texts and (M, D) images, got "

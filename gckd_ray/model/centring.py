@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from gckd_ray.model.precision import at_least_float32
+
 SOURCE, TARGET = 0, 1
 IMAGE, TEXT = 0, 1
 
@@ -43,7 +45,7 @@ class DomainCentring(nn.Module):
         every rank holds the same means. The first batch of a pair sets its mean outright.
         """
         keys = sorted(batches)
-        means = torch.stack([batches[k].float().mean(0) for k in keys])  # (K, D)
+        means = torch.stack([at_least_float32(batches[k]).mean(0) for k in keys])  # (K, D)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(means)
             means /= dist.get_world_size()

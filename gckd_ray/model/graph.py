@@ -31,6 +31,8 @@ from torch import nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import softmax as segment_softmax
 
+from gckd_ray.model.precision import at_least_float32
+
 # A faiss score can be off from the exact cosine by float32 rounding (~sqrt(D) * 6e-8 for unit
 # vectors); a node outside the searched candidates is ruled out only when faiss scores it more
 # than this margin below the k-th exact score.
@@ -198,7 +200,7 @@ class AttentionPropagation(MessagePassing):
     def message(self, q_i: torch.Tensor, k_j: torch.Tensor, v_j: torch.Tensor,
                 index: torch.Tensor, size_i: int | None) -> torch.Tensor:
         """Per edge (E, h) -> attention-weighted value (E, h); softmax over each target's edges."""
-        logits = (q_i * k_j).sum(dim=-1).float() * self.scale  # (E,)
+        logits = at_least_float32((q_i * k_j).sum(dim=-1)) * self.scale  # (E,)
         weight = segment_softmax(logits, index, num_nodes=size_i)  # (E,)
         return weight.to(v_j.dtype).unsqueeze(-1) * v_j
 
@@ -233,15 +235,15 @@ def propagate_teacher(features: torch.Tensor, edge_index: torch.Tensor,
 
     x_i' = normalize(self_weight * x_i + (1 - self_weight) * sum_j w_ij x_j), with
     w_ij = softmax over i's incoming neighbours j of cos(x_i, x_j) / temperature. A node without
-    incoming edges keeps its own (normalised) feature. Float32 math, no gradient.
+    incoming edges keeps its own (normalised) feature. At least float32 math, no gradient.
 
     Args:
         features: (N, D) teacher features (normalised here for the cosines).
         edge_index: (2, E) int64, row 0 the neighbour j, row 1 the node i (as :func:`knn_edges`).
     Returns:
-        (N, D) unit-norm smoothed features, float32, without grad.
+        (N, D) unit-norm smoothed features in the compute dtype (at least float32), no grad.
     """
-    x = F.normalize(features.detach().float(), dim=-1)  # (N, D)
+    x = F.normalize(at_least_float32(features.detach()), dim=-1)  # (N, D)
     src, dst = edge_index[0], edge_index[1]  # (E,) each
     cos = (x[dst] * x[src]).sum(dim=-1)  # (E,)
     weight = segment_softmax(cos / temperature, dst, num_nodes=x.shape[0])  # (E,)
@@ -266,11 +268,12 @@ def gmp_loss(student_nodes: torch.Tensor, teacher_targets: torch.Tensor,
         student_nodes: (B, D) unit-norm propagated student features (with grad).
         teacher_targets: (B, D) unit-norm :func:`propagate_teacher` outputs (detached here).
     Returns:
-        scalar mean cross-entropy over the B rows (float32).
+        scalar mean cross-entropy over the B rows (at least float32).
     """
     if student_nodes.shape != teacher_targets.shape:
         raise ValueError(f"student_nodes {tuple(student_nodes.shape)} and teacher_targets "
                          f"{tuple(teacher_targets.shape)} must have the same shape")
-    logits = student_nodes.float() @ teacher_targets.detach().float().t() / temperature  # (B, B)
+    logits = (at_least_float32(student_nodes) @ at_least_float32(teacher_targets.detach()).t()
+              / temperature)  # (B, B)
     labels = torch.arange(student_nodes.shape[0], device=student_nodes.device)
     return F.cross_entropy(logits, labels)

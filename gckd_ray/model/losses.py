@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gckd_ray.config import LossConfig
+from gckd_ray.model.precision import at_least_float32, compute_dtype
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -114,14 +115,15 @@ def sdm_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, pids: torch.Tensor
         image_emb, text_emb: (B, D) L2-normalised embeddings of B image-caption pairs.
         pids: (B,) int identity ids (duplicates expected: identity-balanced batches).
     Returns:
-        scalar loss (float32).
+        scalar loss in the inputs' compute dtype (float32 for bf16/fp32, float64 for float64).
     """
     all_image, all_text, _ = _gather_keys(image_emb, text_emb)  # (N, D) each, N = W*B
     all_pids = all_gather_no_grad(pids)  # (N,)
-    labels = (pids.view(-1, 1) == all_pids.view(1, -1)).float()  # (B, N), >= 1 per row (self)
+    i2t = at_least_float32(image_emb) @ at_least_float32(all_text).t() / temperature  # (B, N)
+    t2i = at_least_float32(text_emb) @ at_least_float32(all_image).t() / temperature  # (B, N)
+    same = pids.view(-1, 1) == all_pids.view(1, -1)  # (B, N), >= 1 per row (self)
+    labels = same.to(i2t.dtype)
     label_dist = labels / labels.sum(dim=1, keepdim=True)
-    i2t = image_emb.float() @ all_text.float().t() / temperature  # (B, N)
-    t2i = text_emb.float() @ all_image.float().t() / temperature  # (B, N)
     return _kl_to_labels(i2t, label_dist, epsilon) + _kl_to_labels(t2i, label_dist, epsilon)
 
 
@@ -132,12 +134,12 @@ def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
     Args:
         image_emb, text_emb: (B, D) L2-normalised embeddings of B pairs.
     Returns:
-        scalar ``(CE_i2t + CE_t2i) / 2`` (float32).
+        scalar ``(CE_i2t + CE_t2i) / 2`` in the inputs' compute dtype (at least float32).
     """
     all_image, all_text, offset = _gather_keys(image_emb, text_emb)  # (N, D) each
     targets = offset + torch.arange(image_emb.shape[0], device=image_emb.device)  # (B,)
-    i2t = image_emb.float() @ all_text.float().t() / temperature  # (B, N)
-    t2i = text_emb.float() @ all_image.float().t() / temperature  # (B, N)
+    i2t = at_least_float32(image_emb) @ at_least_float32(all_text).t() / temperature  # (B, N)
+    t2i = at_least_float32(text_emb) @ at_least_float32(all_image).t() / temperature  # (B, N)
     return (F.cross_entropy(i2t, targets) + F.cross_entropy(t2i, targets)) / 2
 
 
@@ -158,8 +160,8 @@ class IdentityClassifier(nn.Module):
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor,
                 pids: torch.Tensor) -> torch.Tensor:
         """image_emb, text_emb (B, D); pids (B,) class indices in [0, num_classes) -> scalar."""
-        image_logits = self.classifier(image_emb).float()  # (B, C)
-        text_logits = self.classifier(text_emb).float()  # (B, C)
+        image_logits = at_least_float32(self.classifier(image_emb))  # (B, C)
+        text_logits = at_least_float32(self.classifier(text_emb))  # (B, C)
         return (F.cross_entropy(image_logits, pids) + F.cross_entropy(text_logits, pids)) / 2
 
 
@@ -188,7 +190,7 @@ class SourceLoss(nn.Module):
             losses["itc"] = w["itc"] * itc_loss(image_emb, text_emb, self.itc_temperature)
         if w["id"] > 0:
             losses["id"] = w["id"] * self.id_head(image_emb, text_emb, pids)
-        losses["loss"] = sum(losses.values(), image_emb.new_zeros((), dtype=torch.float32))
+        losses["loss"] = sum(losses.values(), image_emb.new_zeros((), dtype=compute_dtype(image_emb)))
         return losses
 
     def extra_repr(self) -> str:
@@ -212,7 +214,8 @@ def cmkd_loss(student_queries: torch.Tensor, teacher_queries: torch.Tensor, keys
     y = ``positives`` normalised per row. A row with no positive (a target query without a
     confident pseudo-pair) has no hard label to mix in, so its target is the teacher's
     distribution alone (as alpha = 1 for that row) rather than a distribution of mass alpha.
-    Loss = mean over rows of -sum_m target_m log p_s,m. The target is detached; float32 math.
+    Loss = mean over rows of -sum_m target_m log p_s,m. The target is detached; the math runs in
+    at least float32 (:mod:`gckd_ray.model.precision`).
 
     Args:
         student_queries: (B, D) student features of the queries (with grad).
@@ -221,17 +224,18 @@ def cmkd_loss(student_queries: torch.Tensor, teacher_queries: torch.Tensor, keys
         positives: (B, M) bool, True where key m is a positive of query b (same source id, or a
             target pseudo-pair / pseudo-id).
     Returns:
-        scalar loss (float32).
+        scalar loss in the inputs' compute dtype (float32 for bf16/fp32, float64 for float64).
     """
     if positives.shape != (student_queries.shape[0], keys.shape[0]):
         raise ValueError(f"positives must be (B, M) = ({student_queries.shape[0]}, "
                          f"{keys.shape[0]}), got {tuple(positives.shape)}")
-    keys = keys.detach().float()
+    keys = at_least_float32(keys.detach())
     with torch.no_grad():
-        teacher_dist = (teacher_queries.detach().float() @ keys.t() / tau_t).softmax(dim=1)
-        labels = positives.float()  # (B, M)
+        teacher_dist = (at_least_float32(teacher_queries.detach()) @ keys.t() / tau_t
+                        ).softmax(dim=1)
+        labels = positives.to(keys.dtype)  # (B, M)
         count = labels.sum(dim=1, keepdim=True)  # (B, 1)
         mixed = alpha * teacher_dist + (1 - alpha) * labels / count.clamp(min=1)
         target = torch.where(count > 0, mixed, teacher_dist)  # (B, M)
-    log_p_student = (student_queries.float() @ keys.t() / tau_s).log_softmax(dim=1)  # (B, M)
+    log_p_student = (at_least_float32(student_queries) @ keys.t() / tau_s).log_softmax(dim=1)
     return -(target * log_p_student).sum(dim=1).mean()

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gckd_ray.model.precision import at_least_float32
+
 
 class _CrossAttentionLayer(nn.Module):
     """Post-norm block: x <- LN(x + CrossAttn(x, image)); x <- LN(x + FFN(x))."""
@@ -98,7 +100,7 @@ def select_hard_negatives(similarity: torch.Tensor, allowed: torch.Tensor,
                          f"{tuple(allowed.shape)} must be the same (B, M) shape")
     allowed = allowed.bool()
     has_any = allowed.any(dim=1)  # (B,)
-    logits = similarity.float().masked_fill(~allowed, float("-inf"))
+    logits = at_least_float32(similarity).masked_fill(~allowed, float("-inf"))
     if generator is None:
         picked = logits.argmax(dim=1)
     else:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gckd_ray.model.precision import at_least_float32
+
 
 class NoiseFilter(nn.Module):
     """Gate MLP: Linear(2D, H) -> LayerNorm -> ReLU -> Linear(H, D) -> sigmoid.
@@ -57,6 +59,12 @@ class NoiseFilter(nn.Module):
         return gate, l1
 
 
+def _cosines(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """cos(q_i, k_j) in at least float32: (B, D), (M, D) -> (B, M)."""
+    return (F.normalize(at_least_float32(queries), dim=1)
+            @ F.normalize(at_least_float32(keys), dim=1).t())
+
+
 def pair_temperature(queries: torch.Tensor, keys: torch.Tensor, tau0: float, tau_min: float,
                      tau_max: float) -> torch.Tensor:
     """tau_ij = clamp(cos(q_i, k_j) + tau0, tau_min, tau_max), detached: (B, M).
@@ -65,7 +73,7 @@ def pair_temperature(queries: torch.Tensor, keys: torch.Tensor, tau0: float, tau
     temperatures; the original also detaches.
     """
     with torch.no_grad():
-        cos = F.normalize(queries.float(), dim=1) @ F.normalize(keys.float(), dim=1).t()
+        cos = _cosines(queries, keys)
         return (cos + tau0).clamp(tau_min, tau_max)
 
 
@@ -82,15 +90,15 @@ def csc_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
         keys: (M, D) purified teacher features of the other modality (with grad into the gate).
         positives: (B, M) bool: same source id, or same target pseudo-id.
     Returns:
-        scalar loss (float32).
+        scalar loss in the inputs' compute dtype (at least float32).
     """
     if positives.shape != (queries.shape[0], keys.shape[0]):
         raise ValueError(f"positives must be (B, M) = ({queries.shape[0]}, {keys.shape[0]}), "
                          f"got {tuple(positives.shape)}")
     tau = pair_temperature(queries, keys, tau0, tau_min, tau_max)  # (B, M), no grad
-    cos = F.normalize(queries.float(), dim=1) @ F.normalize(keys.float(), dim=1).t()
+    cos = _cosines(queries, keys)  # (B, M)
     log_p = (cos / tau).log_softmax(dim=1)  # (B, M)
-    labels = positives.float()
+    labels = positives.to(cos.dtype)
     count = labels.sum(dim=1)  # (B,)
     rows = count > 0
     per_row = -(log_p * labels).sum(dim=1)[rows] / count[rows]
@@ -104,9 +112,9 @@ def triplet_loss(anchor: torch.Tensor, raw: torch.Tensor, purified: torch.Tensor
     0 for N = 0."""
     if anchor.shape[0] == 0:
         return purified.sum() * 0.0
-    a = F.normalize(anchor.float(), dim=1)
-    negative = (a * F.normalize(raw.float(), dim=1)).sum(1)
-    positive = (a * F.normalize(purified.float(), dim=1)).sum(1)
+    a = F.normalize(at_least_float32(anchor), dim=1)
+    negative = (a * F.normalize(at_least_float32(raw), dim=1)).sum(1)
+    positive = (a * F.normalize(at_least_float32(purified), dim=1)).sum(1)
     return (negative - positive + margin).clamp(min=0).mean()
 
 
