@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from experiments.run_table import (METRICS, VARIANTS, parse_with_recorded, recorded_finals,
-                                   reused_note, run_one)
+                                   refuse_contradictions, reused_note, run_one)
 from gckd_ray.distributed.results import SELECTION
 
 PROTOCOLS: dict[str, tuple[str, str]] = {
@@ -245,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                         "section is regenerated")
     args = parse_with_recorded(parser, argv,
                                "earlier protocols JSON: their (protocol, variant, seed)")
+    for protocol in args.protocols:
+        refuse_contradictions(parser, args.variants, [*protocol_overrides(protocol),
+                                                      *args.overrides])
     table = run_all(args.protocols, args.variants, args.seeds, Path(args.runs), args.overrides,
                     args.jobs, load_recorded(args.recorded))
     out = Path(args.out)

@@ -20,7 +20,10 @@ import sys
 import time
 from pathlib import Path
 
+from gckd_ray.config import load_config
+from gckd_ray.config_rules import check
 from gckd_ray.distributed.results import SELECTION
+from gckd_ray.errors import InputError
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 
@@ -112,6 +115,19 @@ def parse_with_recorded(parser: argparse.ArgumentParser, argv, what: str) -> arg
     return args
 
 
+def refuse_contradictions(parser: argparse.ArgumentParser, variants: list[str],
+                          overrides: list[str]) -> None:
+    """Stop before any run starts when a variant's config breaks a cross-key rule (the same
+    check each ``python -m gckd_ray.train`` run would fail on, once per run)."""
+    for variant in variants:
+        try:
+            errors, _ = check(load_config(None, [*VARIANTS[variant], *overrides]), "train")
+        except InputError as err:
+            errors = [str(err)]
+        if errors:
+            parser.error(f"variant {variant}: config error: {errors[0]}")
+
+
 def summarise(rows: dict[str, list[dict]]) -> dict[str, dict[str, tuple[float, float]]]:
     return {v: {m: (statistics.mean(r["final"][m] for r in runs),
                     statistics.pstdev(r["final"][m] for r in runs)) for m in METRICS}
@@ -152,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/table", help="folder for the runs")
     parser.add_argument("--out", default="experiments/results/table.md")
     args = parse_with_recorded(parser, argv, "earlier tables' JSON: their (variant, seed)")
+    refuse_contradictions(parser, args.variants, args.overrides)
     root = Path(args.runs)
     root.mkdir(parents=True, exist_ok=True)
     recorded = load_recorded(args.recorded)

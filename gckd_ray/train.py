@@ -13,6 +13,7 @@ from gckd_ray.distributed.runtime import use_loopback_if_local
 use_loopback_if_local()  # before anything imports ray
 
 from gckd_ray.config import help_epilog, load_config  # noqa: E402
+from gckd_ray.config_rules import enforce as enforce_rules  # noqa: E402
 from gckd_ray.errors import InputError, one_line  # noqa: E402
 
 
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        enforce_rules(cfg, "train")  # before Ray starts and before anything is written
         from gckd_ray.distributed.launcher import run_training
 
         run_training(cfg)  # fails early on unplaceable workers and on bad data

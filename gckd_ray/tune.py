@@ -16,6 +16,7 @@ from gckd_ray.distributed.runtime import use_loopback_if_local
 use_loopback_if_local()  # before anything imports ray
 
 from gckd_ray.config import help_epilog, load_config, override_config  # noqa: E402
+from gckd_ray.config_rules import enforce as enforce_rules  # noqa: E402
 from gckd_ray.errors import InputError, one_line  # noqa: E402
 
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.oracle_metric:
             flags.append("tune.oracle_metric=true")
         cfg = override_config(cfg, flags).with_absolute_paths()
+        enforce_rules(cfg, "tune")  # before Ray starts and before anything is written
         from gckd_ray.distributed.sweep import run_sweep
 
         run_sweep(cfg, resume=args.resume)

@@ -121,3 +121,16 @@ def test_protocols_reuse_finished_runs_and_recorded_finals_and_say_so(tmp_path):
     assert out.with_name("protocols_curves.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         run_protocols.main(["train.epochs=3", "--recorded", str(recorded)])
+
+
+def test_table_commands_refuse_a_contradiction_before_any_run(tmp_path, capsys):
+    from experiments import run_protocols, run_table
+
+    for main in (run_table.main, run_protocols.main):
+        with pytest.raises(SystemExit) as stop:
+            main(["--variants", "source_only", "gckd", "--runs", str(tmp_path / "runs"),
+                  "train.epochs=3"])
+        assert stop.value.code == 2
+        assert "variant gckd: config error: gckd.warmup_epochs=10 >= train.epochs=3" in \
+            capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

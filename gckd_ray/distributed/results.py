@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from gckd_ray.config import Config
+from gckd_ray.config import Config, LossWeights
 from gckd_ray.distributed.checkpointing import atomic_write_text
 
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 SELECTION = "last epoch (fixed schedule; no target labels used for selection)"
+LOSS_NAMES = tuple(f.name for f in dataclasses.fields(LossWeights))
 
 
 def results_path(cfg: Config) -> Path:
@@ -24,6 +26,7 @@ def write_results(cfg: Config, history: list[dict[str, Any]]) -> dict[str, Any]:
         "method": cfg.method,
         "selection": SELECTION,
         "final": {k: final[k] for k in METRIC_KEYS},
+        "phases": phases(cfg, history),
         "history": history,
     }
     if "rerank_R1" in final:  # matching-head re-ranking, reported beside, never instead
@@ -34,6 +37,25 @@ def write_results(cfg: Config, history: list[dict[str, Any]]) -> dict[str, Any]:
     return results
 
 
+def phases(cfg: Config, history: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """What ran: per phase (``source``: before GCKD's adaptation starts, or a method without
+    one; ``adaptation``), its epochs and the loss terms its epochs reported."""
+    out: dict[str, dict[str, Any]] = {}
+    for row in history:
+        adapting = cfg.method == "gckd" and row["epoch"] > cfg.gckd.warmup_epochs
+        phase = out.setdefault("adaptation" if adapting else "source",
+                               {"epochs": 0, "losses": []})
+        phase["epochs"] += 1
+        phase["losses"] = [n for n in LOSS_NAMES if n in phase["losses"] or n in row]
+    return out
+
+
+def _phases_line(results: dict[str, Any]) -> str:
+    return "phases: " + "; ".join(
+        f"{name} {p['epochs']} epoch(s) ({', '.join(p['losses'])})"
+        for name, p in results["phases"].items())
+
+
 def format_table(results: dict[str, Any]) -> str:
     header = f"{'protocol':<24} {'method':<12} " + " ".join(f"{k:>7}" for k in METRIC_KEYS)
     row = (f"{results['protocol']:<24} {results['method']:<12} "
@@ -42,4 +64,4 @@ def format_table(results: dict[str, Any]) -> str:
     if "final_rerank" in results:
         lines.append(f"{'':<24} {'+ re-rank':<12} "
                      + " ".join(f"{results['final_rerank'][k]:7.2f}" for k in METRIC_KEYS))
-    return "\n".join(lines) + f"\nselection: {results['selection']}"
+    return "\n".join(lines + [_phases_line(results)]) + f"\nselection: {results['selection']}"

@@ -14,108 +14,19 @@ R@1, which needs target labels and is for research only.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gckd_ray.config import Config, ConfigError, config_from_dict, get_key, override_config
+from gckd_ray.config import Config, ConfigError, config_from_dict, override_config
+from gckd_ray.tune_space import (LABEL_FREE_METRIC, Dimension, describe_metric, first_rung,
+                                 num_trials, ranking_metric, search_dimensions)
 
-SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
-LABEL_FREE_METRIC = "target_mnn"
-ORACLE_METRIC = "R1"
 EXPERIMENT = "sweep"
 # A trial's own driver only waits on its Train run: no CPU, on the head node. Train v2 puts a
 # detached coordinator actor on the driver's node, which would keep an autoscaled worker node
 # from ever going idle; a resource request of CPU alone (0) Tune refuses.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "node:__internal_head__": 0.001}
-
-
-@dataclass(frozen=True)
-class Dimension:
-    """One swept key: ``kind`` in SAMPLERS and its values (grid/choice) or bounds."""
-
-    key: str
-    kind: str
-    values: tuple
-
-
-def ranking_metric(cfg: Config) -> str:
-    return ORACLE_METRIC if cfg.tune.oracle_metric else LABEL_FREE_METRIC
-
-
-def describe_metric(metric: str) -> str:
-    if metric == ORACLE_METRIC:
-        return "R1 (oracle: target test labels, research only)"
-    return f"{LABEL_FREE_METRIC} (label-free: no target ids or pairs)"
-
-
-def _flatten(cfg: Config, space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{graph: {k: {grid: ...}}}`` and ``{graph.k: {grid: ...}}`` alike -> dotted keys."""
-    out: dict[str, Any] = {}
-    for name, spec in space.items():
-        key = f"{prefix}{name}"
-        try:
-            section = dataclasses.is_dataclass(get_key(cfg, key))
-        except AttributeError:
-            section = False
-        if section and isinstance(spec, dict):
-            out.update(_flatten(cfg, spec, f"{key}."))
-        else:
-            out[key] = spec
-    return out
-
-
-def search_dimensions(cfg: Config) -> list[Dimension]:
-    """The validated search space of ``cfg.tune``; ConfigError names the offending entry.
-
-    Every grid/choice value and both bounds of a range are applied to the config, so a value
-    the trial would reject (wrong type, out of range) fails here, before Ray starts."""
-    space = _flatten(cfg, cfg.tune.search_space)
-    if not space:
-        raise ConfigError("tune.search_space: empty; give at least one key to sweep")
-    dims = []
-    for key, spec in space.items():
-        where = f"tune.search_space.{key}"
-        if key.split(".")[0] in ("tune", "run"):
-            raise ConfigError(f"{where}: {key.split('.')[0]}.* keys cannot be swept")
-        try:
-            get_key(cfg, key)
-        except AttributeError:
-            raise ConfigError(f"{where}: not a config key (see python -m gckd_ray.train "
-                              "--help)") from None
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
-            raise ConfigError(f"{where}: must be one of {{{': [...]}, {'.join(SAMPLERS)}: "
-                              f"[...]}}, got {spec!r}")
-        kind, values = next(iter(spec.items()))
-        dims.append(_check_dimension(cfg, key, kind, values, where))
-    return dims
-
-
-def _check_dimension(cfg: Config, key: str, kind: str, values: Any, where: str) -> Dimension:
-    if not isinstance(values, list) or not values:
-        raise ConfigError(f"{where}.{kind}: expected a non-empty list, got {values!r}")
-    if kind in ("uniform", "loguniform", "randint"):
-        if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                       for v in values) or not values[0] < values[1]:
-            raise ConfigError(f"{where}.{kind}: expected [low, high] numbers with low < high, "
-                              f"got {values!r}")
-        if kind == "loguniform" and values[0] <= 0:
-            raise ConfigError(f"{where}.loguniform: bounds must be > 0, got {values!r}")
-        if kind == "randint" and not all(isinstance(v, int) for v in values):
-            raise ConfigError(f"{where}.randint: bounds must be integers, got {values!r}")
-    if kind in ("uniform", "loguniform") and isinstance(get_key(cfg, key), int):
-        raise ConfigError(f"{where}.{kind}: {key} is an integer key; use randint, grid or "
-                          "choice")
-    probes = [values[0], values[1] - 1] if kind == "randint" else values
-    for value in probes:
-        try:
-            override_config(cfg, [f"{key}={json.dumps(value)}"])
-        except ConfigError as err:
-            raise ConfigError(f"{where}: value {value!r} is rejected: {err}") from None
-    return Dimension(key, kind, tuple(values))
 
 
 def param_space(dims: list[Dimension]) -> dict[str, Any]:
@@ -125,11 +36,6 @@ def param_space(dims: list[Dimension]) -> dict[str, Any]:
             "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v),
             "randint": lambda v: tune.randint(*v)}
     return {d.key: make[d.kind](d.values) for d in dims}
-
-
-def num_trials(cfg: Config, dims: list[Dimension]) -> int:
-    grid = math.prod(len(d.values) for d in dims if d.kind == "grid")
-    return grid * cfg.tune.num_samples
 
 
 def trial_config(base: Config, params: dict[str, Any], trial_id: str) -> Config:
@@ -178,8 +84,7 @@ def concurrent_trials(cfg: Config, cluster_cpus: float, local: bool) -> int:
 def asha(cfg: Config):
     from gckd_ray.distributed.resumable_asha import ResumableASHA
 
-    warmup = cfg.gckd.warmup_epochs if cfg.method == "gckd" else 0
-    grace = min(cfg.train.epochs, warmup + cfg.tune.grace_epochs)
+    grace = min(cfg.train.epochs, first_rung(cfg))
     # max_t one past the schedule: ASHA stops a trial that reaches max_t at once, before its
     # run has shut down and written results.json; a full-length trial should end by itself.
     return ResumableASHA(time_attr="epoch", max_t=cfg.train.epochs + 1, grace_period=grace,

@@ -18,7 +18,7 @@ import yaml
 
 from gckd_ray.config import Config, override_config
 from gckd_ray.distributed.checkpointing import atomic_write_text
-from gckd_ray.distributed.sweep import Dimension, describe_metric
+from gckd_ray.tune_space import Dimension, describe_metric
 
 CSV_NAME = "sweep.csv"
 BEST_CONFIG = "best_config.yaml"
@@ -44,6 +44,14 @@ def best_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return ranked(full or scored)[0]
 
 
+def tied_with(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[str]:
+    """Trial ids of the other rows with exactly ``row``'s selection value."""
+    if row.get("selection") is None:
+        return []
+    return [r["trial_id"] for r in rows
+            if r is not row and r.get("selection") == row["selection"]]
+
+
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]))
@@ -59,7 +67,9 @@ def format_table(rows: list[dict[str, Any]], dims: list[Dimension]) -> str:
     lines = [f"trials ranked by {describe_metric(metric)}; R1/mAP: target test split, final "
              "model of each trial (reported, not used to rank unless oracle)"]
     table = [header] + [[r["trial_id"], *(_fmt(r[k]) for k in keys), str(r["epochs"]),
-                         r["status"], _fmt(r["selection"]), _fmt(r["R1"]), _fmt(r["mAP"])]
+                         r["status"], _fmt(r["selection"]) + (" (tie)" if tied_with(rows, r)
+                                                              else ""),
+                         _fmt(r["R1"]), _fmt(r["mAP"])]
                         for r in ranked(rows)]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table]
@@ -74,8 +84,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _tie_note(prefix: str, best: dict[str, Any], ties: list[str]) -> str:
+    if not ties:
+        return ""
+    return (f"{prefix}A tie: trial(s) {', '.join(ties)} have the same selection value "
+            f"({_fmt(best['selection'])}); the sweep does not tell these apart.\n")
+
+
 def write_best_config(base: Config, best: dict[str, Any], dims: list[Dimension],
-                      path: Path) -> Config:
+                      path: Path, ties: list[str] = ()) -> Config:
     """``base`` with the best trial's values, as a YAML ``python -m gckd_ray.train --config``
     reads; its own output folder, no resume."""
     values = [f"{d.key}={json.dumps(best[d.key])}" for d in dims]
@@ -83,7 +100,8 @@ def write_best_config(base: Config, best: dict[str, Any], dims: list[Dimension],
     cfg = override_config(base, [*values, f"run.output_dir={out}", "run.resume=false"])
     header = (f"# Best trial {best['trial_id']} of the sweep in {base.run.output_dir}, ranked by "
               f"{describe_metric(best['ranked_by'])} = {_fmt(best['selection'])}.\n"
-              f"# Train it: python -m gckd_ray.train --config {path}\n")
+              + _tie_note("# ", best, ties)
+              + f"# Train it: python -m gckd_ray.train --config {path}\n")
     atomic_write_text(path, header + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return cfg
 
@@ -125,12 +143,14 @@ def write_report(base: Config, rows: list[dict[str, Any]], dims: list[Dimension]
     output = Path(base.run.output_dir)
     write_csv(rows, output / CSV_NAME)
     best = best_row(rows)
+    ties = tied_with(rows, best)
     best_path = output / BEST_CONFIG
-    write_best_config(base, best, dims, best_path)
+    write_best_config(base, best, dims, best_path, ties)
     plot_sweep(rows, dims, output / PLOT_NAME)
     print(format_table(rows, dims), flush=True)
     print(f"best trial: {best['trial_id']} ({best['status']}) "
           + " ".join(f"{d.key}={_fmt(best[d.key])}" for d in dims), flush=True)
+    print(_tie_note("", best, ties), end="", flush=True)
     print(f"table: {output / CSV_NAME}\nbest config: {best_path}\nplot: {output / PLOT_NAME}\n"
           f"tune experiment: {output / 'tune'}", flush=True)
     return best_path

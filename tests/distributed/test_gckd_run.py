@@ -51,6 +51,10 @@ def test_target_ids_and_pairing_never_reach_training(ray_session, tiny_config, s
                for root in (plain, scrambled)]
     first, second = (r["history"] for r in results)
     assert {"cmkd", "gmp", "itc", "id", "itm", "R1", "rerank_R1"} <= set(first[-1])
+    # A short run (2 epochs, 1 of warm-up) trains both phases and says so.
+    assert results[0]["phases"] == {
+        "source": {"epochs": 1, "losses": ["itc", "id"]},
+        "adaptation": {"epochs": 1, "losses": ["itc", "id", "cmkd", "gmp", "itm"]}}
     assert set(results[0]["final_rerank"]) == {"R1", "R5", "R10", "mAP", "mINP"}
     assert first == second  # identical losses, pseudo-pair counts and metrics
     # The lexical bridge ran, and read only what scrambling leaves intact.

@@ -1,12 +1,12 @@
-"""Sweep pieces without a cluster: search space, trial configs, ASHA, resources, the report."""
+"""Sweep pieces without a cluster: Tune samplers, trial configs, ASHA, resources, the report."""
 
 import csv
 import json
-import re
 
 import pytest
 from PIL import Image
 
+from gckd_ray import tune_space
 from gckd_ray.config import ConfigError, load_config
 from gckd_ray.distributed import sweep, sweep_report
 
@@ -19,49 +19,10 @@ def _space(text):
     return f"tune.search_space={text}"
 
 
-def test_default_space_sweeps_temperatures_alpha_and_k():
-    dims = sweep.search_dimensions(_cfg())
-    assert [(d.key, d.kind) for d in dims] == [
-        ("distill.tau_s", "loguniform"), ("distill.tau_t", "loguniform"),
-        ("distill.alpha", "uniform"), ("graph.k", "grid")]
-    assert sweep.num_trials(_cfg("tune.num_samples=3"), dims) == 6  # 2 grid points x 3
-
-
-def test_nested_and_dotted_keys_are_the_same_space():
-    nested = sweep.search_dimensions(_cfg(_space("{graph: {k: {grid: [3, 5]}}}")))
-    dotted = sweep.search_dimensions(_cfg(_space("{graph.k: {grid: [3, 5]}}")))
-    assert nested == dotted == [sweep.Dimension("graph.k", "grid", (3, 5))]
-
-
-def test_a_user_space_replaces_the_default_one():
-    cfg = _cfg(_space("{graph.k: {choice: [4]}}"))
-    assert cfg.tune.search_space == {"graph.k": {"choice": [4]}}
-
-
-@pytest.mark.parametrize("space, message", [
-    ("{graph.kk: {grid: [1]}}", "tune.search_space.graph.kk: not a config key"),
-    ("{graph.k: {normal: [1, 2]}}", "tune.search_space.graph.k: must be one of"),
-    ("{graph.k: [1, 2]}", "tune.search_space.graph.k: must be one of"),
-    ("{graph.k: {grid: []}}", "tune.search_space.graph.k.grid: expected a non-empty list"),
-    ("{distill.tau_s: {uniform: [0.2, 0.1]}}", "low < high"),
-    ("{distill.tau_s: {loguniform: [0, 0.1]}}", "bounds must be > 0"),
-    ("{graph.k: {uniform: [2, 8]}}", "graph.k is an integer key"),
-    ("{graph.k: {randint: [2.5, 8]}}", "bounds must be integers"),
-    ("{graph.k: {grid: [0, 4]}}", "value 0 is rejected: graph.k: must be > 0"),
-    ("{distill.alpha: {grid: [0.5, 1.5]}}", "value 1.5 is rejected: distill.alpha"),
-    ("{distill.tau_t: {choice: [fast]}}", "value 'fast' is rejected"),
-    ("{run.seed: {grid: [0, 1]}}", "run.* keys cannot be swept"),
-    ("{}", "tune.search_space: empty"),
-])
-def test_bad_search_spaces_name_the_entry(space, message):
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        sweep.search_dimensions(_cfg(_space(space)))
-
-
 def test_param_space_builds_ray_tune_samplers():
     from ray.tune.search.sample import Categorical, Float, Integer
 
-    dims = sweep.search_dimensions(_cfg(_space(
+    dims = tune_space.search_dimensions(_cfg(_space(
         "{graph.k: {grid: [3, 5]}, distill.tau_s: {loguniform: [0.03, 0.2]}, "
         "distill.alpha: {uniform: [0.2, 0.6]}, graph.num_layers: {randint: [1, 3]}, "
         "distill.tau_t: {choice: [0.05, 0.1]}}")))
@@ -81,13 +42,6 @@ def test_trial_config_applies_values_in_its_own_resumable_folder(tmp_path):
     assert (cfg.graph.k, cfg.distill.tau_s) == (7, 0.05)
     assert cfg.run.output_dir == str(tmp_path / "trials" / "abc_00001")
     assert cfg.run.resume and not base.run.resume
-
-
-def test_ranking_metric_is_label_free_unless_oracle():
-    assert sweep.ranking_metric(_cfg()) == "target_mnn"
-    assert sweep.ranking_metric(_cfg("tune.oracle_metric=true")) == "R1"
-    assert "label-free" in sweep.describe_metric("target_mnn")
-    assert "oracle" in sweep.describe_metric("R1")
 
 
 def test_asha_waits_for_the_end_of_warm_up_and_lets_full_trials_finish():
@@ -116,7 +70,7 @@ def test_concurrency_from_cluster_cpus_and_a_clear_error_when_a_trial_cannot_fit
 
 
 def _rows():
-    dims = sweep.search_dimensions(_cfg(_space(
+    dims = tune_space.search_dimensions(_cfg(_space(
         "{graph.k: {grid: [5, 10]}, distill.tau_s: {loguniform: [0.03, 0.2]}}")))
     base = {"ranked_by": "target_mnn", "mAP": 20.0}
     rows = [
@@ -181,3 +135,20 @@ def test_oracle_ranking_is_named_in_every_output(tmp_path, capsys):
     with open(tmp_path / "sweep.csv") as f:
         assert {r["ranked_by"] for r in csv.DictReader(f)} == {"R1"}
     json.dumps(rows)  # rows stay plain data
+
+
+def test_tied_selection_values_are_marked_and_the_best_config_says_so(tmp_path, capsys):
+    dims, rows = _rows()
+    rows[0]["selection"] = rows[2]["selection"]  # t0 ties with the best full-length t2
+    base = _cfg(f"run.output_dir={tmp_path}", _space(
+        "{graph.k: {grid: [5, 10]}, distill.tau_s: {loguniform: [0.03, 0.2]}}"))
+    best_path = sweep_report.write_report(base, rows, dims)
+    assert "A tie: trial(s) t2 have the same selection value" in best_path.read_text()
+    out = capsys.readouterr().out
+    tied = [line for line in out.splitlines() if "(tie)" in line]
+    assert sorted(line.split()[0] for line in tied) == ["t0", "t2"]
+    assert "best trial: t0" in out and "A tie: trial(s) t2" in out
+
+    rows[0]["selection"] = 3.0  # no tie: nothing said
+    sweep_report.write_report(base, rows, dims)
+    assert "A tie" not in best_path.read_text() and "(tie)" not in capsys.readouterr().out
