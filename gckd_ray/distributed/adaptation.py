@@ -1,4 +1,5 @@
-"""Worker-side GCKD plumbing: unpaired target feed, memory snapshots and pushes, one epoch.
+"""Worker-side GCKD plumbing: unpaired target feed, memory snapshots and pushes, the GCKD step
+for the epoch loop (``loop.run_epoch``).
 
 The method itself lives in ``model/gckd.py``; this module feeds it. Every step pushes the
 teacher's features (fire-and-forget, bounded in flight) and every ``gckd.snapshot_every`` steps
@@ -9,19 +10,16 @@ step's batches (fetch, decode, views) are prepared in a background thread while 
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from gckd_ray.config import Config
 from gckd_ray.data.datasets import PairedSplit, UnpairedStreams, UnpairedTarget
-from gckd_ray.data.prefetch import Prefetcher
 from gckd_ray.data.transforms import normalize
+from gckd_ray.distributed.loop import StepResult, to_device
 from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryClient
-from gckd_ray.distributed.loop import engine_step, to_device
-from gckd_ray.distributed.metrics_log import MetricsLog
 from gckd_ray.model.gckd import MemoryView, target_groups
 from gckd_ray.model.losses import all_gather_many
+from gckd_ray.model.momentum import unwrap
 
 
 def memory_view(snapshot: dict[str, torch.Tensor], nodes_per_group: int,
@@ -152,36 +150,42 @@ def refresh_due(epoch: int, step: int, steps: int, cfg: Config) -> bool:
     return now // every > previous // every
 
 
-def gckd_epoch(model, scheduler, split: PairedSplit, sampler, feed: TargetFeed,
-               memory: MemoryClient, actor, augment, epoch: int, cfg: Config,
-               device: torch.device, rank: int, log: MetricsLog | None = None
-               ) -> dict[str, float]:
-    """One epoch of GCKD steps; returns the mean of each named loss and step statistic.
-    ``log`` (rank 0) prints and records the progress reports."""
-    model.train()
-    inner = getattr(model, "module", model)
-    batches = sampler.epoch(epoch)
-    targets = feed.epoch(epoch, len(batches))
-    adapt = epoch >= cfg.gckd.warmup_epochs
-    strong = cfg.gckd.strong_views if adapt else "none"
-    view, sums, start = None, {}, time.perf_counter()
-    pusher = memory if rank == 0 else None
-    prepare = step_batches(split, feed, augment, strong, device)
-    with Prefetcher(zip(batches, targets), prepare, enabled=cfg.train.prefetch) as prepared:
-        for step, (idx, src, tgt) in enumerate(prepared):
-            if step % cfg.gckd.snapshot_every == 0:
-                view = read_memory(memory, actor, refresh_due(epoch, step, len(batches), cfg),
-                                   cfg, rank, device)
-            out = model(src, tgt, view, adapt)
-            if engine_step(model, out.losses["loss"]):
-                inner.ema_step()
-            push_teacher(pusher, out.teacher, split, idx, tgt)
-            for name, value in {**out.losses, **out.stats}.items():
-                # .item(), not float(): float() of a tensor that requires grad warns every run.
-                value = value.item() if isinstance(value, torch.Tensor) else value
-                sums[name] = sums.get(name, 0.0) + value
-            if log is not None and (step + 1) % cfg.train.log_every == 0:
-                log.progress(epoch, step, len(batches), sums, scheduler.get_last_lr()[0],
-                             start, loss_names=out.losses)
-    memory.flush()
-    return {k: v / len(batches) for k, v in sums.items()}
+class GCKDSteps:
+    """``gckd``: a source batch and an unpaired target batch per step; the memory is read every
+    ``gckd.snapshot_every`` steps (refreshing pseudo-ids on schedule); after the optimizer step
+    the teacher follows by EMA and its features are pushed to the memory (rank 0 pushes)."""
+
+    def __init__(self, split: PairedSplit, sampler, feed: TargetFeed, memory: MemoryClient,
+                 actor, augment, cfg: Config, device: torch.device, rank: int):
+        self.split, self.sampler, self.feed, self.augment = split, sampler, feed, augment
+        self.memory, self.actor, self.cfg, self.device, self.rank = (memory, actor, cfg,
+                                                                     device, rank)
+        self.pusher = memory if rank == 0 else None
+        self.view: MemoryView | None = None
+        self.adapt = False
+
+    def epoch_batches(self, epoch: int):
+        batches = self.sampler.epoch(epoch)
+        targets = self.feed.epoch(epoch, len(batches))
+        self.adapt = epoch >= self.cfg.gckd.warmup_epochs
+        self.view = None
+        strong = self.cfg.gckd.strong_views if self.adapt else "none"
+        return (list(zip(batches, targets)),
+                step_batches(self.split, self.feed, self.augment, strong, self.device))
+
+    def forward(self, model, batch, epoch: int, step: int, steps: int) -> StepResult:
+        idx, src, tgt = batch
+        if step % self.cfg.gckd.snapshot_every == 0:
+            self.view = read_memory(self.memory, self.actor,
+                                    refresh_due(epoch, step, steps, self.cfg), self.cfg,
+                                    self.rank, self.device)
+        out = model(src, tgt, self.view, self.adapt)
+
+        def after_step(stepped: bool) -> None:
+            if stepped:
+                unwrap(model).ema_step()
+            push_teacher(self.pusher, out.teacher, self.split, idx, tgt)
+        return StepResult(out.losses, out.stats, after_step)
+
+    def end_epoch(self) -> None:
+        self.memory.flush()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,19 @@ import torch
 from gckd_ray.config import Config, DomainConfig, config_from_dict
 from gckd_ray.data.datasets import (IdentityBalancedSampler, PairedSplit, UnpairedTarget,
                                     load_records, load_split, load_unpaired, sample_unpaired)
-from gckd_ray.data.prefetch import Prefetcher
 from gckd_ray.data.tokenizer import load_tokenizer
-from gckd_ray.data.transforms import TrainAugment, normalize
-from gckd_ray.distributed.adaptation import TargetFeed, gckd_epoch
+from gckd_ray.data.transforms import TrainAugment
+from gckd_ray.distributed.adaptation import GCKDSteps, TargetFeed
 from gckd_ray.distributed.checkpointing import (load_memory_state, load_training_state,
                                                save_checkpoint, usable_checkpoint)
 from gckd_ray.distributed.deepspeed_config import build_engine
 from gckd_ray.distributed.memory import MemoryClient, get_memory_actor
-from gckd_ray.distributed.loop import engine_step, to_device
+from gckd_ray.distributed.loop import SourceSteps, run_epoch
 from gckd_ray.distributed.metrics_log import MetricsLog
 from gckd_ray.evaluate import (encode_split, mutual_nn_agreement, rerank_split,
                                retrieval_metrics_from_embeddings)
 from gckd_ray.model.gckd import build_gckd
+from gckd_ray.model.momentum import unwrap
 from gckd_ray.model.retriever import build_retriever
 
 
@@ -53,33 +52,6 @@ def _lr_lambda(cfg: Config, steps_per_epoch: int):
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
     return factor
-
-
-def train_epoch(model, scheduler, split: PairedSplit, sampler, augment, epoch: int,
-                cfg: Config, device: torch.device, log: MetricsLog | None
-                ) -> dict[str, float]:
-    """One pass of identity-balanced batches (the next one fetched and augmented during the
-    step, ``train.prefetch``); returns mean of each named loss. ``log`` (rank 0) prints and
-    records the progress reports."""
-    model.train()
-    sums: dict[str, float] = {}
-    batches = sampler.epoch(epoch)
-
-    def prepare(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        batch = to_device(split.batch(idx), device)
-        return normalize(augment(batch.pop("images"))), batch
-
-    start = time.perf_counter()
-    with Prefetcher(batches, prepare, enabled=cfg.train.prefetch) as prepared:
-        for step, (images, batch) in enumerate(prepared):
-            losses = model(images, **batch)
-            engine_step(model, losses["loss"])
-            for name, value in losses.items():
-                sums[name] = sums.get(name, 0.0) + value.item()
-            if log is not None and (step + 1) % cfg.train.log_every == 0:
-                log.progress(epoch, step, len(batches), sums, scheduler.get_last_lr()[0],
-                             start, loss_names=losses)
-    return {k: v / len(batches) for k, v in sums.items()}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -122,20 +94,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if gckd:
         feed = TargetFeed(load_unpaired(cfg, tokenizer, verbose=rank == 0), cfg, rank, world)
-        memory = MemoryClient(actor)
-
-        def run_epoch(epoch: int) -> dict[str, float]:
-            return gckd_epoch(model, scheduler, train_split, sampler, feed, memory,
-                              actor, augment, epoch, cfg, device, rank, log)
+        method = GCKDSteps(train_split, sampler, feed, MemoryClient(actor), actor, augment, cfg,
+                           device, rank)
     else:
-        def run_epoch(epoch: int) -> dict[str, float]:
-            return train_epoch(model, scheduler, train_split, sampler, augment,
-                               epoch, cfg, device, log)
+        method = SourceSteps(train_split, sampler, augment, device)
 
     first_epoch = state["epoch"]
     for epoch in range(first_epoch, cfg.train.epochs):
-        losses = run_epoch(epoch)
-        metrics = evaluate_target(_unwrap(model), test_split, device, cfg, selection)
+        losses = run_epoch(model, scheduler, method, epoch, cfg, log)
+        metrics = evaluate_target(unwrap(model), test_split, device, cfg, selection)
         state = {"epoch": epoch + 1,
                  "history": state["history"] + [{"epoch": epoch + 1, **losses, **metrics}]}
         if log is not None:
@@ -183,10 +150,6 @@ def evaluate_target(module, split: PairedSplit, device: torch.device, cfg: Confi
                                 cfg.matching.rerank_top_k, cfg.matching.rerank_weight)
         metrics.update({f"rerank_{k}": reranked[k] for k in ("R1", "R5", "R10", "mAP", "mINP")})
     return metrics
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
 
 
 def _report(cfg, engine, scheduler, state, tokenizer_dir, rank, extras, memory_state) -> None:

@@ -57,7 +57,7 @@ def test_paired_feed_brings_each_captions_own_image():
 
 
 def test_epoch_batches_through_the_prefetcher_equal_the_plain_loop(tiny_config):
-    """gckd_epoch's data path (real-format files decoded per step, both views) over two epochs:
+    """GCKDSteps' data path (real-format files decoded per step, both views) over two epochs:
     the same batches and the same augmentation state at each epoch end (what a checkpoint
     saves) with and without the background thread."""
     cfg = tiny_config("data.cache_images=false")
