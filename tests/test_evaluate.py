@@ -36,6 +36,8 @@ def brute_force(similarity, query_ids, gallery_ids):
 
 
 def assert_same(got, expected, tol=1e-9):
+    """Metrics are float64 means of exact rationals (from integer ranks): the default ``tol``
+    (on values up to 100) leaves room for float64 summation order (~1e-14) only."""
     assert set(got) == set(METRICS) | {"num_queries", "num_queries_without_match"}
     for key in METRICS:
         assert isinstance(got[key], float), key
@@ -48,7 +50,8 @@ def test_mutual_nn_agreement_hand_worked():
     texts = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.436]])
     images = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
     # Caption -> nearest image: 0, 1, 0 (0.9 > 0.889). Image -> nearest caption: 0, 2.
-    # Mutual: caption 0 with image 0 only, over min(3, 2) possible pairs.
+    # Mutual: caption 0 with image 0 only, over min(3, 2) possible pairs. float32 math; every
+    # nearest neighbour wins by >= 0.01, far beyond rounding, so the counts are exact.
     assert mutual_nn_agreement(texts, images) == pytest.approx(50.0)
     assert mutual_nn_agreement(texts, images, chunk_size=1) == pytest.approx(50.0)
     assert mutual_nn_agreement(texts[:2], images[:1]) == pytest.approx(100.0)
@@ -144,9 +147,20 @@ def test_from_embeddings_matches_similarity_on_real_valued_embeddings():
     q_emb = torch.nn.functional.normalize(torch.randn(50, 32, generator=gen), dim=1)
     g_emb = torch.nn.functional.normalize(torch.randn(120, 32, generator=gen), dim=1)
     q_ids, g_ids = torch.randint(0, 30, (50,), generator=gen), torch.arange(120) % 30
+    # Both paths rank in float32 (by design) but block the matmul differently (one 50-row
+    # product against 7-row chunks), so a score may differ by float32 rounding: at most
+    # 32 * 2**-24 ~ 2e-6 from the exact dot product of these D = 32 unit vectors. Every correct
+    # image's exact score is more than 1e-5 from every other score of its query (checked
+    # here), so either path ranks every correct image the same: the metrics agree exactly.
+    exact = q_emb.double() @ g_emb.double().T  # float64 products of the float32 inputs
+    gaps = (exact[:, :, None] - exact[:, None, :]).abs()  # (Q, G, G)
+    correct_vs_other = (q_ids[:, None] == g_ids[None, :])[:, :, None] & \
+        ~torch.eye(len(g_ids), dtype=torch.bool)
+    assert gaps[correct_vs_other].min() > 1e-5
     expected = retrieval_metrics(q_emb @ g_emb.T, q_ids, g_ids)
     got = retrieval_metrics_from_embeddings(q_emb, g_emb, q_ids, g_ids, chunk_size=7)
-    assert_same(got, expected, tol=1e-6)
+    assert got == expected
+    assert_same(expected, brute_force(exact, q_ids, g_ids))
 
 
 def test_numpy_input_equals_torch_input():

@@ -48,6 +48,7 @@ def test_normalize_values_dtype_and_shapes():
     assert out.dtype == torch.float32 and out.shape == (2, 3, 2, 3)
     for c, value in enumerate((0, 128, 255)):
         expected = (value / 255 - CLIP_MEAN[c]) / CLIP_STD[c]
+        # float32 output: a scale and a shift in float32, ~1e-7 relative; float32 defaults
         torch.testing.assert_close(out[:, c], torch.full((2, 2, 3), expected))
     torch.testing.assert_close(normalize(batch[0]), out[0])  # (3, H, W) works too
     assert eval_transform(batch).equal(out)

@@ -56,6 +56,7 @@ def test_context_vectors_equal_a_dense_hand_computation():
     sentences = [split_words(c) for c in _target(1)]
     words = sorted({w for s in sentences for w in s} - {"coat"})   # coat: neither row nor feature
     sparse = context_vectors(sentences, words, window=2, far_weight=0.3).to_dense().numpy()
+    # float64 math stored as float32 (unit rows: rounding <= 6e-8) against a float64 reference
     np.testing.assert_allclose(sparse, _dense_ppmi(sentences, words, 2, 0.3), atol=1e-6)
 
 

@@ -43,24 +43,30 @@ def test_cmkd_matches_hand_computation(positives, alpha):
     qs, qt, keys = _unit(QS), _unit(QT), _unit(KEYS)
     loss = cmkd_loss(qs, qt, keys, torch.tensor(positives), tau_s=0.1, tau_t=0.2, alpha=alpha)
     expected = _cmkd_by_hand(qs.tolist(), qt.tolist(), keys.tolist(), positives, 0.1, 0.2, alpha)
-    assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # float64 end to end (inputs and hand loops): rounding ~1e-16 per step
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_cmkd_extremes():
+    # float64 end to end (inputs and references): the library and the references below take
+    # the same steps in float64, so assert_close's float64 defaults (rtol 1e-7) hold with room.
     qs, qt, keys = _unit(QS), _unit(QT), _unit(KEYS)
     pos = torch.tensor([[True, False, False], [False, True, True]])
-    log_p = (qs.float() @ keys.float().t() / 0.07).log_softmax(1)
+    log_p = (qs @ keys.t() / 0.07).log_softmax(1)
     # alpha = 1: pure distillation, positives ignored
-    p_t = (qt.float() @ keys.float().t() / 0.05).softmax(1)
+    p_t = (qt @ keys.t() / 0.05).softmax(1)
     torch.testing.assert_close(cmkd_loss(qs, qt, keys, pos, tau_t=0.05, alpha=1.0),
                                -(p_t * log_p).sum(1).mean())
     # alpha = 0: cross-entropy to the normalised positives, teacher ignored
-    y = pos.float() / pos.float().sum(1, keepdim=True)
+    y = pos.double() / pos.double().sum(1, keepdim=True)
     torch.testing.assert_close(cmkd_loss(qs, qt, keys, pos, alpha=0.0), -(y * log_p).sum(1).mean())
-    torch.testing.assert_close(cmkd_loss(qs, torch.randn(2, 3), keys, pos, alpha=0.0),
+    other_teacher = torch.randn(2, 3, dtype=torch.float64)
+    torch.testing.assert_close(cmkd_loss(qs, other_teacher, keys, pos, alpha=0.0),
                                -(y * log_p).sum(1).mean())
-    # a student equal to a sharp teacher on one-hot keys is near the target entropy minimum
+    # A student equal to a sharp teacher on one-hot keys is near the target entropy minimum.
+    # float32 math: the exact loss is ~80 exp(-100) ~ 3e-42, which float32 rounds to 0 or a
+    # denormal, far below 1e-6, while a mismatched student would cost O(1).
     eye = torch.eye(3)
     near_zero = cmkd_loss(eye, eye, eye, torch.eye(3, dtype=torch.bool), 0.01, 0.01, 0.4)
     assert near_zero.item() < 1e-6

@@ -39,6 +39,8 @@ def test_shapes_unit_norm_and_non_square_images():
     image_emb, text_emb = enc(images, ids, mask)
     assert enc.embed_dim == 16
     assert image_emb.shape == text_emb.shape == (4, 16)
+    # float32 model: norms of float32-normalised rows and repeated float32 forwards agree to
+    # float32 rounding (~1e-7 relative); assert_close's float32 defaults here and below
     torch.testing.assert_close(image_emb.norm(dim=-1), torch.ones(4))
     torch.testing.assert_close(text_emb.norm(dim=-1), torch.ones(4))
     torch.testing.assert_close(enc.encode_image(images), image_emb)
@@ -61,7 +63,7 @@ def test_text_length_is_respected():
 def test_text_embedding_pools_at_eos():
     enc, tok = _tiny()
     ids, mask, _ = tok.encode(CAPTIONS, 12)
-    with torch.no_grad():
+    with torch.no_grad():  # float32 forwards, compared at float32's assert_close defaults
         ref = enc.encode_text(ids, mask)
         # tokens after eos (padding) are never seen by the eos position
         junk = ids.clone()
@@ -89,6 +91,7 @@ def test_all_trainable_parameters_get_gradients():
 
 
 def test_resample_position_embedding():
+    # float32 bicubic interpolation (weights summing to 1): equal up to float32 rounding
     table = torch.randn(1 + 16, 5)
     torch.testing.assert_close(resample_position_embedding(table, (4, 4), (4, 4)), table)
     const = torch.ones(1 + 16, 5)
@@ -123,6 +126,9 @@ def test_local_path_pretrained_loading(tmp_path):
     kwargs = dict(vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
                   eos_id=tok.eos_id, text_length=16)
 
+    # float32 model throughout: loaded weights and forwards are compared at float32's
+    # assert_close defaults (a float32 same-size resample and repeated forwards round alike
+    # to ~1e-7 relative)
     square = build_dual_encoder(cfg, image_size=(32, 32), **kwargs).eval()
     assert square.embed_dim == 24 == embedding_dim(cfg)
     assert embedding_dim(SMALL) == SMALL.embed_dim
@@ -166,7 +172,7 @@ def test_legacy_eos_2_config_still_pools_at_the_tokenizer_eos(tmp_path):
     ids, mask, _ = tok.encode(["A red man", "a woman in a red coat"], 16)
     junk = ids.clone()
     junk[mask == 0] = tok.bos_id
-    with torch.no_grad():
+    with torch.no_grad():  # float32 forwards, compared at float32's assert_close defaults
         ours = enc.encode_text(ids, mask)
         torch.testing.assert_close(enc.encode_text(junk, mask), ours)
         out = enc.clip.text_model(input_ids=ids, attention_mask=mask)
@@ -191,6 +197,7 @@ def test_encode_with_tokens_matches_the_embeddings_in_one_forward_per_tower():
     for hook in hooks:
         hook.remove()
     assert image_tokens.shape == (4, 1 + 8 * 4, 32) and text_tokens.shape == (4, 12, 32)
+    # float32 forwards repeated through other entry points: float32 assert_close defaults
     with torch.no_grad():
         torch.testing.assert_close(image_emb, enc.encode_image(images))
         torch.testing.assert_close(text_emb, enc.encode_text(ids, mask))

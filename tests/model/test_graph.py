@@ -82,32 +82,37 @@ def test_knn_edges_restores_thread_settings():
     assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (torch_before, faiss_before)
 
 
-def _graph(n: int = 24, dim: int = 16, k: int = 4, seed: int = 0):
+def _graph(n: int = 24, dim: int = 16, k: int = 4, seed: int = 0,
+           dtype: torch.dtype = torch.float32):
     g = torch.Generator().manual_seed(seed)
-    x = F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+    x = F.normalize(torch.randn(n, dim, generator=g, dtype=dtype), dim=-1)
     return x, knn_edges(x, k)
 
 
 def test_propagation_net_is_permutation_equivariant():
+    # float64 end to end: permuting the nodes only moves rows within the matmuls and the
+    # scatter, which can change rounding (~1e-16 in float64); assert_close's float64 defaults.
     torch.manual_seed(0)
-    net = PropagationNet(16, hidden=8)
-    x, edges = _graph()
+    net = PropagationNet(16, hidden=8).double()
+    x, edges = _graph(dtype=torch.float64)
     perm = torch.randperm(x.shape[0])
     inverse = torch.argsort(perm)  # old index -> new index
     out = net(x, edges)
     out_permuted = net(x[perm], inverse[edges])
+    assert out.dtype == torch.float64
     torch.testing.assert_close(out_permuted, out[perm])
 
 
 def test_propagation_net_output_norm_layers_and_gradients():
     torch.manual_seed(0)
-    net = PropagationNet(16)
+    net = PropagationNet(16).double()
     assert len(net.layers) == 2
-    x, edges = _graph()
+    x, edges = _graph(dtype=torch.float64)
     x = x.clone().requires_grad_()
     out = net(x, edges)
     assert out.shape == x.shape
-    torch.testing.assert_close(out.norm(dim=-1), torch.ones(x.shape[0]))
+    # float64 end to end: the output is normalised in float64, so its norm is 1 to ~1e-16
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(x.shape[0], dtype=torch.float64))
     (out * torch.randn_like(out)).sum().backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
@@ -116,10 +121,13 @@ def test_propagation_net_output_norm_layers_and_gradients():
 
 def test_attention_layer_matches_formula():
     """out_i = W_o sum_j softmax_j(q_i . k_j / sqrt(h)) v_j over i's incoming edges (row 1 = i)."""
+    # float64 end to end: the layer (per-edge products, segment softmax, scatter sum) and the
+    # dense formula round differently, ~1e-16 in float64; assert_close's float64 defaults.
     torch.manual_seed(0)
-    layer = AttentionPropagation(16, hidden=8)
-    x, edges = _graph()
+    layer = AttentionPropagation(16, hidden=8).double()
+    x, edges = _graph(dtype=torch.float64)
     out = layer(x, edges)
+    assert out.dtype == torch.float64
     q, k, v = layer.query(x), layer.key(x), layer.value(x)
     for i in (0, 7):
         nbrs = edges[0, edges[1] == i]
@@ -134,6 +142,7 @@ def test_propagation_uses_neighbours():
     out = net(x, edges)
     x_changed = x.clone()
     x_changed[edges[0, 0]] = F.normalize(torch.randn(16), dim=-1)  # node 0's first neighbour
+    # float32 math; a new neighbour moves the output by O(0.1), far beyond allclose's 1e-5
     assert not torch.allclose(net(x_changed, edges)[0], out[0])
 
 
@@ -149,25 +158,29 @@ def _propagate_by_hand(x, edges, i, temperature, self_weight):
 
 
 def test_propagate_teacher_matches_formula_and_has_no_grad():
-    x, edges = _graph()
+    # float64 end to end (features, library and hand formula): rounding ~1e-16 per step;
+    # assert_close's float64 defaults.
+    x, edges = _graph(dtype=torch.float64)
     x = x.clone().requires_grad_()
     out = propagate_teacher(x, edges, temperature=0.2, self_weight=0.3)
-    assert not out.requires_grad
+    assert not out.requires_grad and out.dtype == torch.float64
     for i in (0, 5, 23):
-        torch.testing.assert_close(out[i].double(), _propagate_by_hand(x.detach(), edges, i,
-                                                                       0.2, 0.3))
+        torch.testing.assert_close(out[i], _propagate_by_hand(x.detach(), edges, i, 0.2, 0.3))
 
 
 def test_propagate_teacher_identity_when_neighbours_are_duplicates():
     g = torch.Generator().manual_seed(0)
-    base = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    base = F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=-1)
     x = base.repeat_interleave(4, dim=0)  # each node has 3 exact copies: its 3 nearest
     out = propagate_teacher(x, knn_edges(x, 3))
+    # float64 end to end (unit rows normalised in float64): out = x to ~1e-16
+    assert out.dtype == torch.float64
     torch.testing.assert_close(out, x)
 
 
 def test_propagate_teacher_smooths_toward_neighbours():
-    x, edges = _graph()
+    # float64 end to end: a kept feature is x re-normalised in float64 (~1e-16 off)
+    x, edges = _graph(dtype=torch.float64)
     out = propagate_teacher(x, edges)
     src, dst = edges
     before = (x[dst] * x[src]).sum(-1).mean()
@@ -186,7 +199,10 @@ def test_gmp_loss_matches_hand_computation():
     for i in range(3):
         logits = [float(s[i] @ t[j]) / tau for j in range(3)]
         expected += -(logits[i] - math.log(sum(math.exp(v) for v in logits))) / 3
-    assert gmp_loss(s, t, tau).item() == pytest.approx(expected, rel=1e-6)
+    # float64 end to end (inputs and hand loop): rounding ~1e-16 per step
+    loss = gmp_loss(s, t, tau)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_gmp_loss_gradient_reaches_student_only():
@@ -233,5 +249,5 @@ def test_target_nodes_move_toward_source_and_cross_modal_cluster_mates():
 
     source_cols = (~is_target)[None, :].expand(len(pid), -1)
     cross_modal_target = is_target[None, :] & (is_image[:, None] != is_image[None, :])
-    for mates in (source_cols, cross_modal_target):
+    for mates in (source_cols, cross_modal_target):  # float32 math; margin 0.01 >> rounding
         assert mean_cos_to_mates(smoothed, mates) > mean_cos_to_mates(x, mates) + 0.01

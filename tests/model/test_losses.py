@@ -49,34 +49,46 @@ def test_sdm_matches_hand_computation(pids):
     img, txt = _unit(IMG), _unit(TXT)
     loss = sdm_loss(img, txt, torch.tensor(pids), temperature=0.1)
     expected = _sdm_by_hand(img.tolist(), txt.tolist(), pids, 0.1)
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    # float64 end to end (inputs and hand loops): rounding ~1e-16 per step
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_sdm_matches_irra_formula_with_duplicate_pids():
-    # IRRA's compute_sdm, verbatim up to names (labels / labels.sum(dim=1) broadcasts by column;
-    # the same as row normalisation because the label matrix is symmetric).
+    # IRRA's compute_sdm, verbatim up to names and dtype (labels / labels.sum(dim=1) broadcasts
+    # by column; the same as row normalisation because the label matrix is symmetric). float64
+    # end to end: the two sides multiply in different orders (img @ txt.t() / 0.02 against
+    # 50 * txt @ img.t(), transposed), which in float32 would differ by ~1e-6 relative at
+    # logits up to 50; in float64 assert_close's float64 defaults (rtol 1e-7) hold with room.
     torch.manual_seed(0)
-    img, txt = F.normalize(torch.randn(8, 6), dim=-1), F.normalize(torch.randn(8, 6), dim=-1)
+    img = F.normalize(torch.randn(8, 6, dtype=torch.float64), dim=-1)
+    txt = F.normalize(torch.randn(8, 6, dtype=torch.float64), dim=-1)
     pid = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3])
-    labels = (pid.view(-1, 1) - pid.view(1, -1) == 0).float()
+    labels = (pid.view(-1, 1) - pid.view(1, -1) == 0).double()
     t2i = 50.0 * txt @ img.t()
     i2t = t2i.t()
     dist_labels = labels / labels.sum(dim=1)
     i2t_loss = F.softmax(i2t, 1) * (F.log_softmax(i2t, 1) - torch.log(dist_labels + 1e-8))
     t2i_loss = F.softmax(t2i, 1) * (F.log_softmax(t2i, 1) - torch.log(dist_labels + 1e-8))
     irra = i2t_loss.sum(1).mean() + t2i_loss.sum(1).mean()
+    assert irra.dtype == torch.float64
     torch.testing.assert_close(sdm_loss(img, txt, pid, temperature=0.02), irra)
 
 
 def test_sdm_is_near_zero_when_aligned():
+    # float32 math. The exact KL is ~1e-41 (off-diagonal mass exp(-100)) less IRRA's epsilon
+    # term log(1 + 1e-8) per row (0 after float32 rounding): |loss| <= ~1e-8, far below 1e-6,
+    # while a misaligned pair would cost O(1).
     eye = torch.eye(4)
-    assert sdm_loss(eye, eye, torch.arange(4), temperature=0.01).item() < 1e-6
+    assert abs(sdm_loss(eye, eye, torch.arange(4), temperature=0.01).item()) < 1e-6
 
 
 def test_itc_matches_hand_computation():
     img, txt = _unit(IMG), _unit(TXT)
     loss = itc_loss(img, txt, temperature=0.05)
-    assert loss.item() == pytest.approx(_itc_by_hand(img.tolist(), txt.tolist(), 0.05), rel=1e-6)
+    # float64 end to end (inputs and hand loops): rounding ~1e-16 per step
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(_itc_by_hand(img.tolist(), txt.tolist(), 0.05), rel=1e-12)
 
 
 def test_gradients_flow_to_both_modalities():
@@ -96,14 +108,21 @@ def test_identity_classifier_is_mean_of_two_cross_entropies():
     torch.manual_seed(0)
     head = IdentityClassifier(4, 3)
     assert head.classifier.weight.std() < 0.01 and (head.classifier.bias == 0).all()
-    img, txt, pids = torch.randn(5, 4), torch.randn(5, 4), torch.tensor([0, 1, 2, 1, 0])
+    # float64 end to end: nn.Linear (addmm) and the explicit x @ w.t() + b below round
+    # differently; in float64 that is ~1e-16, so assert_close's float64 defaults hold.
+    head = head.double()
+    img = torch.randn(5, 4, dtype=torch.float64)
+    txt = torch.randn(5, 4, dtype=torch.float64)
+    pids = torch.tensor([0, 1, 2, 1, 0])
     w, b = head.classifier.weight, head.classifier.bias
 
     def ce(x):  # explicit -log softmax at the label, averaged
         logits = x @ w.t() + b
         return -(logits.log_softmax(1)[torch.arange(5), pids]).mean()
 
-    torch.testing.assert_close(head(img, txt, pids), (ce(img) + ce(txt)) / 2)
+    loss = head(img, txt, pids)
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, (ce(img) + ce(txt)) / 2)
     head(img, txt, pids).backward()
     assert head.classifier.weight.grad.abs().sum() > 0
 
@@ -112,10 +131,14 @@ def test_source_loss_weights_each_term_and_sums():
     torch.manual_seed(0)
     cfg = LossConfig(weights=LossWeights(sdm=1.5, itc=0.25, id=0.5), sdm_temperature=0.1,
                      itc_temperature=0.2)
-    objective = SourceLoss(cfg, embed_dim=3, num_classes=4)
-    img, txt, pids = _unit(IMG).float(), _unit(TXT).float(), torch.tensor([0, 0, 1, 3])
+    # float64 end to end (head and inputs): each term is recomputed by the same function, and
+    # the total adds them in the same order, so only float64 rounding (~1e-16) could differ;
+    # assert_close's float64 defaults.
+    objective = SourceLoss(cfg, embed_dim=3, num_classes=4).double()
+    img, txt, pids = _unit(IMG), _unit(TXT), torch.tensor([0, 0, 1, 3])
     out = objective(img, txt, pids)
     assert set(out) == {"sdm", "itc", "id", "loss"}
+    assert {name: v.dtype for name, v in out.items()} == dict.fromkeys(out, torch.float64)
     torch.testing.assert_close(out["sdm"], 1.5 * sdm_loss(img, txt, pids, 0.1))
     torch.testing.assert_close(out["itc"], 0.25 * itc_loss(img, txt, 0.2))
     torch.testing.assert_close(out["id"], 0.5 * objective.id_head(img, txt, pids))
@@ -129,7 +152,9 @@ def test_source_loss_zero_weight_terms_are_absent():
     img, txt = _unit(IMG).float(), _unit(TXT).float()
     out = objective(img, txt, torch.tensor([0, 0, 1, 3]))
     assert set(out) == {"sdm", "loss"}
-    torch.testing.assert_close(out["loss"], out["sdm"])
+    assert out["loss"].dtype == torch.float32  # float32 in, float32 out
+    # the total is 0 + sdm: exact in any precision
+    torch.testing.assert_close(out["loss"], out["sdm"], rtol=0, atol=0)
 
 
 # ---- data parallelism: 2 gloo ranks vs one process on the concatenated batch ----------------
@@ -179,5 +204,10 @@ def test_distributed_losses_equal_single_process_on_concatenated_batch():
         pairs = [(sum(r[name][0] for r in ranks) / WORLD, full.detach()),
                  (torch.cat([r[name][1] for r in ranks]) / WORLD, full_img.grad),
                  (torch.cat([r[name][2] for r in ranks]) / WORLD, full_txt.grad)]
+        # float64 end to end (inputs, ID head, loss math): the ranks' (4, 8) products and the
+        # single process's (8, 8) ones are blocked differently by BLAS, which in float64 moves
+        # results by ~1e-16 relative, so assert_close's float64 defaults (rtol 1e-7, atol 1e-7)
+        # hold on any CPU; a wrong gather or gradient scaling is off by O(1).
         for what, (actual, expected) in zip(("loss", "image grad", "text grad"), pairs):
+            assert actual.dtype == expected.dtype == torch.float64, (name, what)
             torch.testing.assert_close(actual, expected, msg=lambda m: f"{name} {what}: {m}")

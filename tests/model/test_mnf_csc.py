@@ -37,6 +37,7 @@ def test_gate_shapes_range_and_default_width():
     purified, gate, _ = mnf.purify("text", teacher.repeat(1, 3)[:, :16],
                                    context.repeat(1, 3)[:, :16])
     assert purified.shape == (5, 16)
+    # float32: the same single product on both sides; assert_close's float32 defaults
     torch.testing.assert_close(purified, gate * teacher.repeat(1, 3)[:, :16])
 
 
@@ -50,20 +51,23 @@ def test_context_is_detached_and_gate_reads_it():
     assert context.grad is None  # the student is not trained through the gate's input
     assert mnf.image.weight1.grad is not None
     other, _, _ = mnf.purify("image", teacher, context + 1.0)
-    assert not torch.allclose(other, purified)
+    assert not torch.allclose(other, purified)  # an O(1) change in the context, not rounding
 
 
 def test_pair_temperature_is_clamped_and_detached():
-    q = unit([[1.0, 0.0], [0.0, 1.0]]).float().requires_grad_(True)
-    k = unit([[1.0, 0.0], [-1.0, 0.1], [0.6, 0.8]]).float()
+    # float64 end to end (inputs and hand cosines): rounding ~1e-16; a clamped entry is the
+    # bound itself, exactly
+    q = unit([[1.0, 0.0], [0.0, 1.0]]).requires_grad_(True)
+    k = unit([[1.0, 0.0], [-1.0, 0.1], [0.6, 0.8]])
     tau = pair_temperature(q, k, *TAUS)
+    assert tau.dtype == torch.float64
     cos = [[_dot(a, b) for b in _unit_rows([[1.0, 0.0], [-1.0, 0.1], [0.6, 0.8]])]
            for a in [[1.0, 0.0], [0.0, 1.0]]]
     expected = [min(max(c + 0.07, 0.05), 1.0) for row in cos for c in row]
-    assert tau.flatten().tolist() == pytest.approx(expected, abs=1e-6)
-    assert tau[0, 0] == pytest.approx(1.0)            # cos 1 + 0.07 clamped to tau_max
-    assert tau[0, 1] == pytest.approx(0.05)           # negative cos clamped to tau_min
-    assert tau[1, 2] == pytest.approx(0.8 + 0.07, abs=1e-6)  # inside the range
+    assert tau.flatten().tolist() == pytest.approx(expected, rel=1e-12)
+    assert tau[0, 0].item() == 1.0                    # cos 1 + 0.07 clamped to tau_max
+    assert tau[0, 1].item() == 0.05                   # negative cos clamped to tau_min
+    assert tau[1, 2].item() == pytest.approx(0.8 + 0.07, rel=1e-12)  # inside the range
     assert not tau.requires_grad
 
 
@@ -93,27 +97,34 @@ KS = [[1.0, 0.0, 0.1], [0.2, 1.0, 0.0], [-1.0, 0.1, 0.0], [0.3, 0.3, 1.0]]
 def test_csc_loss_matches_hand_computation(positives):
     got = csc_loss(torch.tensor(QS, dtype=torch.float64), torch.tensor(KS, dtype=torch.float64),
                    torch.tensor(positives), *TAUS)
-    assert got.item() == pytest.approx(_csc_by_hand(QS, KS, positives, *TAUS), rel=1e-6)
+    # float64 end to end (inputs and hand loops): rounding ~1e-16 per step
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(_csc_by_hand(QS, KS, positives, *TAUS), rel=1e-12)
     assert torch.isfinite(got)
 
 
 def test_no_gradient_flows_through_the_temperature():
+    # float64 end to end: the library's backward and the hand-built graph below round
+    # differently (~1e-16 in float64); assert_close's float64 defaults.
+    f64 = dict(dtype=torch.float64)
     positives = torch.tensor([[True, False, False, True], [False, True, False, False],
                               [False, False, True, False]])
-    q = torch.tensor(QS, requires_grad=True)
-    k = torch.tensor(KS, requires_grad=True)
+    q = torch.tensor(QS, requires_grad=True, **f64)
+    k = torch.tensor(KS, requires_grad=True, **f64)
     csc_loss(q, k, positives, *TAUS).backward()
 
     def with_tau(tau):
-        q2, k2 = torch.tensor(QS, requires_grad=True), torch.tensor(KS, requires_grad=True)
+        q2 = torch.tensor(QS, requires_grad=True, **f64)
+        k2 = torch.tensor(KS, requires_grad=True, **f64)
         cos = F.normalize(q2, dim=1) @ F.normalize(k2, dim=1).t()
         log_p = (cos / tau(cos)).log_softmax(1)
-        labels = positives.float()
+        labels = positives.double()
         (-(log_p * labels).sum(1) / labels.sum(1)).mean().backward()
         return q2.grad, k2.grad
 
-    constant = pair_temperature(torch.tensor(QS), torch.tensor(KS), *TAUS)
+    constant = pair_temperature(torch.tensor(QS, **f64), torch.tensor(KS, **f64), *TAUS)
     q_const, k_const = with_tau(lambda cos: constant)  # tau as a plain constant
+    assert q.grad.dtype == torch.float64
     torch.testing.assert_close(q.grad, q_const)
     torch.testing.assert_close(k.grad, k_const)
     # A temperature left in the graph would give another gradient: the check can fail.
@@ -127,8 +138,11 @@ def test_triplet_loss_matches_hand_computation():
     expected = 0.0
     for a, r, p in zip(_unit_rows(anchor), _unit_rows(raw), _unit_rows(purified)):
         expected += max(_dot(a, r) - _dot(a, p) + 0.2, 0.0)
-    got = triplet_loss(*(torch.tensor(x) for x in (anchor, raw, purified)), margin=0.2)
-    assert got.item() == pytest.approx(expected / 2, rel=1e-6)
+    got = triplet_loss(*(torch.tensor(x, dtype=torch.float64) for x in (anchor, raw, purified)),
+                       margin=0.2)
+    # float64 end to end (inputs and hand loop): rounding ~1e-16 per step
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(expected / 2, rel=1e-12)
     # The first row is already beyond the margin: only the second contributes.
     assert _dot(_unit_rows(anchor)[0], _unit_rows(purified)[0]) - \
         _dot(_unit_rows(anchor)[0], _unit_rows(raw)[0]) > 0.2
@@ -145,7 +159,8 @@ def test_l1_penalty_matches_hand_computation():
     _, l1 = filt(torch.randn(3, 2), torch.randn(3, 2))
     by_hand = (sum(sum(abs(x) for x in row) for row in w1) / 2
                + sum(sum(abs(x) for x in row) for row in w2) / 2)
-    assert l1.item() == pytest.approx(by_hand)  # (3.5 + 5) / 2 + (2 + 0.25) / 2
+    # float32 math on dyadic weights: every sum and mean is exact, so equal exactly
+    assert l1.item() == by_hand  # (3.5 + 5) / 2 + (2 + 0.25) / 2
 
 
 def test_partners_own_pair_on_source_pseudo_pair_or_neighbour_on_target():
