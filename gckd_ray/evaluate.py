@@ -32,6 +32,7 @@ import torch
 
 from gckd_ray.data.transforms import normalize
 from gckd_ray.model.centring import TARGET
+from gckd_ray.model.collectives import all_gather_no_grad, rank_and_world
 from gckd_ray.model.precision import compute_dtype
 
 __all__ = ["mutual_nn_agreement", "retrieval_metrics", "retrieval_metrics_from_embeddings"]
@@ -306,22 +307,15 @@ def _positive_ranks(scores, positives, num_pos, work, keys, tie) -> torch.Tensor
 # gckd_ray.evaluate``). The metric code above stays free of I/O, model and dataset imports.
 # ---------------------------------------------------------------------------------------------
 
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
     """Inverse of dealing rows ``rank::world``: every rank gets all ``total`` rows in order."""
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     if world == 1:
         return local
     per_rank = -(-total // world)
     padded = local.new_zeros((per_rank, *local.shape[1:]))
     padded[: local.shape[0]] = local
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    torch.distributed.all_gather(parts, padded)
+    parts = all_gather_no_grad(padded).chunk(world)  # (per_rank, ...) each, in rank order
     out = local.new_empty((total, *local.shape[1:]))
     for r, part in enumerate(parts):
         out[r::world] = part[: len(range(r, total, world))]
@@ -330,7 +324,7 @@ def _gather_rows(local: torch.Tensor, total: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _encode_rows(fn, total: int, batch_size: int) -> torch.Tensor:
-    rank, world = _dist_info()
+    rank, world = rank_and_world()
     rows = torch.arange(rank, total, world)
     # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively in
     # each one): a rank out of rows encodes row 0 and drops the result.

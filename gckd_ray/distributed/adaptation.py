@@ -18,7 +18,7 @@ from gckd_ray.data.transforms import normalize
 from gckd_ray.distributed.loop import StepResult, to_device
 from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryClient
 from gckd_ray.model.gckd import MemoryView, target_groups
-from gckd_ray.model.losses import all_gather_many
+from gckd_ray.model.collectives import all_gather_many, broadcast
 from gckd_ray.model.momentum import unwrap
 
 
@@ -130,9 +130,8 @@ def read_memory(client: MemoryClient, actor, refresh: bool, cfg: Config, rank: i
         if refresh:
             actor.refresh_pseudo_ids.remote()  # ordered before publish: same caller
         number[0] = ray.get(actor.publish.remote())
-    if torch.distributed.is_initialized():
-        torch.distributed.broadcast(number, src=0)
-    return memory_view(client.snapshot(int(number)), cfg.gckd.memory_nodes, device)
+    return memory_view(client.snapshot(int(broadcast(number, src=0))), cfg.gckd.memory_nodes,
+                       device)
 
 
 def refresh_due(epoch: int, step: int, steps: int, cfg: Config) -> bool:

@@ -42,6 +42,7 @@ import yaml
 from gckd_ray.config import Config, config_from_dict, save_config
 from gckd_ray.distributed.memory import MEMORY_FILE, read_state, write_state
 from gckd_ray.errors import InputError
+from gckd_ray.model.collectives import rank_and_world
 
 
 MANIFEST = "manifest-rank{rank:03d}.json"
@@ -227,7 +228,7 @@ def save_checkpoint(directory: str | Path, *, engine, scheduler: Any, state: dic
     if rank == 0:
         if memory is not None:
             write_state(directory, memory)
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        world = rank_and_world()[1]
         atomic_torch_save(full, directory / "model.pt")
         atomic_torch_save(scheduler.state_dict(), directory / "scheduler.pt")
         save_config(cfg, directory / "config.yaml")

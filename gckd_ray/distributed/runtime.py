@@ -122,3 +122,10 @@ def check_placement(train: TrainConfig) -> None:
 
 def _resources(node: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in node.get("Resources", {}).items() if k in ("CPU", "GPU")}
+
+
+def process_group_backend(train: TrainConfig) -> str:
+    """The workers' torch.distributed backend: on GPU, NCCL for CUDA tensors with gloo beside
+    it for the CPU-side ones (``model/collectives.py`` then moves nothing); gloo on CPU."""
+    return "cpu:gloo,cuda:nccl" if train.use_gpu else "gloo"
+

@@ -13,10 +13,10 @@ checkpoints, the EMA teacher (buffers are copied) and the evaluate CLI carry the
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from gckd_ray.model.collectives import all_reduce_mean
 from gckd_ray.model.precision import at_least_float32
 
 SOURCE, TARGET = 0, 1
@@ -46,9 +46,7 @@ class DomainCentring(nn.Module):
         """
         keys = sorted(batches)
         means = torch.stack([at_least_float32(batches[k]).mean(0) for k in keys])  # (K, D)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(means)
-            means /= dist.get_world_size()
+        means = all_reduce_mean(means)  # every rank holds the same means
         for (domain, modality), mean in zip(keys, means):
             seen = bool(self.seen[domain, modality])
             old = self.means[domain, modality]

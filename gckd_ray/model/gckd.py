@@ -24,8 +24,8 @@ from gckd_ray.config import Config
 from gckd_ray.model.centring import IMAGE, SOURCE, TARGET, TEXT
 from gckd_ray.model.encoders import DualEncoder
 from gckd_ray.model.graph import PropagationNet, gmp_loss, knn_edges, propagate_teacher
-from gckd_ray.model.losses import (SourceLoss, all_gather_no_grad, all_gather_with_grad,
-                                   cmkd_loss)
+from gckd_ray.model.collectives import all_gather_no_grad, all_gather_with_grad
+from gckd_ray.model.losses import SourceLoss, cmkd_loss
 from gckd_ray.model.matching import MatchingHead, itm_loss, select_hard_negatives
 from gckd_ray.model.mnf_csc import MNFCSC, csc_loss, triplet_loss
 from gckd_ray.model.momentum import FrozenTeacher, ema_update, make_teacher

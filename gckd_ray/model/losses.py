@@ -11,87 +11,18 @@ On one process every collective is the identity: no special case for the caller.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from gckd_ray.config import LossConfig
+from gckd_ray.model.collectives import all_gather_no_grad, all_gather_with_grad, rank_and_world
 from gckd_ray.model.precision import at_least_float32, compute_dtype
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) per rank -> (W*B, ...) in rank order; gradients flow back to every rank's slice.
-
-    Identity when torch.distributed is not initialised or has one process. All ranks must pass
-    the same shape.
-    """
-    _, world = _rank_and_world()
-    if world == 1:
-        return x
-    return _AllGatherWithGrad.apply(x)
-
-
-class _AllGatherWithGrad(torch.autograd.Function):
-    """Concatenating all-gather whose backward sums every rank's gradient of the gathered
-    tensor and hands each rank its own rows (torch.distributed.nn's version is deprecated)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return all_gather_no_grad(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        rank, world = _rank_and_world()
-        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce is in place
-        dist.all_reduce(grad)
-        return grad.chunk(world)[rank]
-
-
-@torch.no_grad()
-def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """(B, ...) per rank -> (W*B, ...) in rank order, without gradient (labels, ids)."""
-    _, world = _rank_and_world()
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
-
-
-@torch.no_grad()
-def all_gather_many(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``[all_gather_no_grad(t) for t in tensors]`` with one collective per dtype (small
-    gathers cost their latency, not their bytes): each dtype's tensors travel flattened in one
-    buffer, then are cut back. (B_k, ...) per rank -> (W*B_k, ...) in rank order, same values.
-
-    All ranks must pass the same shapes and dtypes in the same order, on one device.
-    """
-    _, world = _rank_and_world()
-    if world == 1:
-        return list(tensors)
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for i, t in enumerate(tensors):
-        by_dtype.setdefault(t.dtype, []).append(i)
-    for members in by_dtype.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in members])
-        gathered = all_gather_no_grad(flat).view(world, -1)  # (W, sum of numels)
-        parts = gathered.split([tensors[i].numel() for i in members], dim=1)
-        for i, part in zip(members, parts):  # (W, numel) -> (W*B, ...): rank 0's rows first
-            out[i] = part.reshape(world * tensors[i].shape[0], *tensors[i].shape[1:])
-    return out
 
 
 def _gather_keys(image_emb: torch.Tensor, text_emb: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Global image and text keys (N, D) with gradient, and this rank's row offset in them."""
-    rank, _ = _rank_and_world()
+    rank, _ = rank_and_world()
     return (all_gather_with_grad(image_emb), all_gather_with_grad(text_emb),
             rank * image_emb.shape[0])
 

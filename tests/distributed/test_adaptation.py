@@ -16,7 +16,7 @@ from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.transforms import TrainAugment, normalize
 from gckd_ray.distributed.adaptation import TargetFeed, push_teacher, step_batches, views
 from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryBank
-from gckd_ray.model.losses import all_gather_many, all_gather_no_grad
+from gckd_ray.model.collectives import all_gather_many, all_gather_no_grad
 from helpers import run_gloo_ranks
 
 

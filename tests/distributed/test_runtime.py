@@ -7,7 +7,8 @@ import psutil
 import pytest
 
 from gckd_ray.config import ConfigError, TrainConfig
-from gckd_ray.distributed.runtime import check_placement, placement_problem, worker_env
+from gckd_ray.distributed.runtime import (check_placement, placement_problem,
+                                          process_group_backend, worker_env)
 from gckd_ray.train import main as train_main
 from helpers import SYNTH_SCALE
 
@@ -100,3 +101,8 @@ def test_local_ray_listens_on_loopback_only(ray_session):
     assert gcs_port in ports and int(dashboard_port) in ports and dashboard_host == "127.0.0.1"
     exposed = [(name, addr) for name, addr in listening if addr.ip not in LOOPBACK]
     assert len(listening) >= 3 and exposed == []
+
+
+def test_process_group_backend_pairs_nccl_with_gloo_on_gpu_and_is_gloo_on_cpu():
+    assert process_group_backend(TrainConfig(use_gpu=True)) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(TrainConfig(use_gpu=False)) == "gloo"
