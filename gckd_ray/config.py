@@ -439,10 +439,12 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``update``, nested mappings merged key by key (neither is changed)."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict)
+                  else v)
     return out
 
 
@@ -495,7 +497,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def _apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict:
     for text in overrides:
         key, value = parse_override(text)
-        data = _merge(data, _nest(key, value))
+        data = merge_dicts(data, _nest(key, value))
     return data
 
 
@@ -508,7 +510,7 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     # Merge onto the full defaults so a partial nested mapping keeps its parent's defaults
     # (data.target.root=x must not reset data.target.name to DomainConfig's default).
     _build(Config, data)  # unknown keys and wrong types are reported against the user's input
-    merged = _merge(Config().to_dict(), data)
+    merged = merge_dicts(Config().to_dict(), data)
     _replace_free_form(Config, merged, data)
     return _build(Config, merged).validate()
 

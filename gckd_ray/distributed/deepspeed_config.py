@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from gckd_ray.config import Config, ConfigError
+from gckd_ray.config import Config, ConfigError, merge_dicts
 
 # Never print DeepSpeed's per-step lines; progress comes from the project's own log.
 _QUIET_STEPS = 10**9
@@ -44,14 +44,6 @@ def generated_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
     }
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = (_merge(out[key], value) if isinstance(value, dict)
-                    and isinstance(out.get(key), dict) else value)
-    return out
-
-
 def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
     """The generated config merged with ``deepspeed.config_file`` (if set).
 
@@ -72,7 +64,7 @@ def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
     if not isinstance(user, dict):
         raise ConfigError(f"deepspeed.config_file: {path}: expected a JSON object, got "
                           f"{type(user).__name__}")
-    return _merge(config, user)
+    return merge_dicts(config, user)
 
 
 def build_engine(module: torch.nn.Module, cfg: Config, lr_lambda, on_gpu: bool):

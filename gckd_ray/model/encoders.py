@@ -26,6 +26,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from gckd_ray.config import ModelConfig
 from gckd_ray.model.centring import IMAGE, TEXT, DomainCentring
+from gckd_ray.model.precision import at_least_float32
 
 
 def resample_position_embedding(weight: torch.Tensor, old_grid: tuple[int, int],
@@ -33,7 +34,7 @@ def resample_position_embedding(weight: torch.Tensor, old_grid: tuple[int, int],
     """(1 + gh*gw, D) table of [class; row-major grid] -> (1 + nh*nw, D), bicubic on the grid."""
     dim = weight.shape[1]
     cls, grid = weight[:1], weight[1:]
-    grid = grid.reshape(1, *old_grid, dim).permute(0, 3, 1, 2).float()  # (1, D, gh, gw)
+    grid = at_least_float32(grid.reshape(1, *old_grid, dim).permute(0, 3, 1, 2))  # (1, D, gh, gw)
     grid = F.interpolate(grid, size=new_grid, mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(-1, dim).to(weight.dtype)  # (nh*nw, D)
     return torch.cat([cls, grid])

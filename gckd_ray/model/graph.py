@@ -31,7 +31,7 @@ from torch import nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import softmax as segment_softmax
 
-from gckd_ray.model.precision import at_least_float32
+from gckd_ray.model.precision import at_least_float32, in_compute_dtype
 
 # A faiss score can be off from the exact cosine by float32 rounding (~sqrt(D) * 6e-8 for unit
 # vectors); a node outside the searched candidates is ruled out only when faiss scores it more
@@ -273,7 +273,7 @@ def gmp_loss(student_nodes: torch.Tensor, teacher_targets: torch.Tensor,
     if student_nodes.shape != teacher_targets.shape:
         raise ValueError(f"student_nodes {tuple(student_nodes.shape)} and teacher_targets "
                          f"{tuple(teacher_targets.shape)} must have the same shape")
-    logits = (at_least_float32(student_nodes) @ at_least_float32(teacher_targets.detach()).t()
-              / temperature)  # (B, B)
+    student, teacher = in_compute_dtype(student_nodes, teacher_targets.detach())
+    logits = student @ teacher.t() / temperature  # (B, B)
     labels = torch.arange(student_nodes.shape[0], device=student_nodes.device)
     return F.cross_entropy(logits, labels)

@@ -16,7 +16,7 @@ from torch import nn
 
 from gckd_ray.config import LossConfig
 from gckd_ray.model.collectives import all_gather_no_grad, all_gather_with_grad, rank_and_world
-from gckd_ray.model.precision import at_least_float32, compute_dtype
+from gckd_ray.model.precision import at_least_float32, compute_dtype, in_compute_dtype
 
 
 def _gather_keys(image_emb: torch.Tensor, text_emb: torch.Tensor
@@ -50,8 +50,9 @@ def sdm_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, pids: torch.Tensor
     """
     all_image, all_text, _ = _gather_keys(image_emb, text_emb)  # (N, D) each, N = W*B
     all_pids = all_gather_no_grad(pids)  # (N,)
-    i2t = at_least_float32(image_emb) @ at_least_float32(all_text).t() / temperature  # (B, N)
-    t2i = at_least_float32(text_emb) @ at_least_float32(all_image).t() / temperature  # (B, N)
+    img, txt, all_image, all_text = in_compute_dtype(image_emb, text_emb, all_image, all_text)
+    i2t = img @ all_text.t() / temperature  # (B, N)
+    t2i = txt @ all_image.t() / temperature  # (B, N)
     same = pids.view(-1, 1) == all_pids.view(1, -1)  # (B, N), >= 1 per row (self)
     labels = same.to(i2t.dtype)
     label_dist = labels / labels.sum(dim=1, keepdim=True)
@@ -69,8 +70,9 @@ def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
     """
     all_image, all_text, offset = _gather_keys(image_emb, text_emb)  # (N, D) each
     targets = offset + torch.arange(image_emb.shape[0], device=image_emb.device)  # (B,)
-    i2t = at_least_float32(image_emb) @ at_least_float32(all_text).t() / temperature  # (B, N)
-    t2i = at_least_float32(text_emb) @ at_least_float32(all_image).t() / temperature  # (B, N)
+    img, txt, all_image, all_text = in_compute_dtype(image_emb, text_emb, all_image, all_text)
+    i2t = img @ all_text.t() / temperature  # (B, N)
+    t2i = txt @ all_image.t() / temperature  # (B, N)
     return (F.cross_entropy(i2t, targets) + F.cross_entropy(t2i, targets)) / 2
 
 
@@ -160,13 +162,13 @@ def cmkd_loss(student_queries: torch.Tensor, teacher_queries: torch.Tensor, keys
     if positives.shape != (student_queries.shape[0], keys.shape[0]):
         raise ValueError(f"positives must be (B, M) = ({student_queries.shape[0]}, "
                          f"{keys.shape[0]}), got {tuple(positives.shape)}")
-    keys = at_least_float32(keys.detach())
+    student, teacher, keys = in_compute_dtype(student_queries, teacher_queries.detach(),
+                                              keys.detach())
     with torch.no_grad():
-        teacher_dist = (at_least_float32(teacher_queries.detach()) @ keys.t() / tau_t
-                        ).softmax(dim=1)
+        teacher_dist = (teacher @ keys.t() / tau_t).softmax(dim=1)
         labels = positives.to(keys.dtype)  # (B, M)
         count = labels.sum(dim=1, keepdim=True)  # (B, 1)
         mixed = alpha * teacher_dist + (1 - alpha) * labels / count.clamp(min=1)
         target = torch.where(count > 0, mixed, teacher_dist)  # (B, M)
-    log_p_student = (at_least_float32(student_queries) @ keys.t() / tau_s).log_softmax(dim=1)
+    log_p_student = (student @ keys.t() / tau_s).log_softmax(dim=1)  # (B, M)
     return -(target * log_p_student).sum(dim=1).mean()

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gckd_ray.model.precision import at_least_float32
+from gckd_ray.model.precision import in_compute_dtype
 
 
 class NoiseFilter(nn.Module):
@@ -61,8 +61,8 @@ class NoiseFilter(nn.Module):
 
 def _cosines(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """cos(q_i, k_j) in at least float32: (B, D), (M, D) -> (B, M)."""
-    return (F.normalize(at_least_float32(queries), dim=1)
-            @ F.normalize(at_least_float32(keys), dim=1).t())
+    queries, keys = in_compute_dtype(queries, keys)
+    return F.normalize(queries, dim=1) @ F.normalize(keys, dim=1).t()
 
 
 def pair_temperature(queries: torch.Tensor, keys: torch.Tensor, tau0: float, tau_min: float,
@@ -112,9 +112,10 @@ def triplet_loss(anchor: torch.Tensor, raw: torch.Tensor, purified: torch.Tensor
     0 for N = 0."""
     if anchor.shape[0] == 0:
         return purified.sum() * 0.0
-    a = F.normalize(at_least_float32(anchor), dim=1)
-    negative = (a * F.normalize(at_least_float32(raw), dim=1)).sum(1)
-    positive = (a * F.normalize(at_least_float32(purified), dim=1)).sum(1)
+    anchor, raw, purified = in_compute_dtype(anchor, raw, purified)
+    a = F.normalize(anchor, dim=1)
+    negative = (a * F.normalize(raw, dim=1)).sum(1)
+    positive = (a * F.normalize(purified, dim=1)).sum(1)
     return (negative - positive + margin).clamp(min=0).mean()
 
 

@@ -22,3 +22,10 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in :func:`compute_dtype` (the same tensor when it already is)."""
     return x.to(compute_dtype(x))
+
+
+def in_compute_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors in their common :func:`compute_dtype` (mixed float32/float64 inputs meet in
+    float64, as torch's own type promotion would have them)."""
+    dtype = compute_dtype(*tensors)
+    return tuple(t.to(dtype) for t in tensors)

@@ -54,3 +54,14 @@ def test_float64_inputs_are_not_rounded_through_float32():
     for name in ("sdm", "itc", "id", "cmkd", "csc", "gmp"):
         assert exact[name].item() != single[name].double().item(), name
         torch.testing.assert_close(single[name].double(), exact[name], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_float32_and_float64_inputs_meet_in_float64():
+    torch.manual_seed(0)
+    a64 = F.normalize(torch.randn(4, 8, dtype=torch.float64), dim=1)
+    b32 = F.normalize(torch.randn(4, 8), dim=1)
+    pids = torch.tensor([0, 0, 1, 1])
+    positives = pids.view(-1, 1) == pids.view(1, -1)
+    for loss in (sdm_loss(a64, b32, pids), itc_loss(b32, a64), cmkd_loss(a64, b32, b32, positives),
+                 csc_loss(b32, a64, positives), triplet_loss(b32, a64, b32), gmp_loss(a64, b32)):
+        assert loss.dtype == torch.float64
