@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from helpers import run_gloo_ranks, softmax as _softmax, unit as _unit
 from gckd_ray.config import LossConfig, LossWeights
-from gckd_ray.model.losses import (
-    IdentityClassifier, SourceLoss, all_gather_with_grad, itc_loss, sdm_loss)
+from gckd_ray.model.collectives import all_gather_with_grad
+from gckd_ray.model.losses import IdentityClassifier, SourceLoss, itc_loss, sdm_loss
 
 
 def _sdm_by_hand(img, txt, pids, tau, eps=1e-8) -> float:
