@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from gckd_ray.checkpoint_format import CheckpointError, read_state, verify_checkpoint
 from gckd_ray.config import load_config
-from gckd_ray.distributed.checkpointing import CheckpointError, verify_checkpoint
-from gckd_ray.distributed.memory import MODALITIES, SOURCE, TARGET, read_state
+from gckd_ray.distributed.memory import MODALITIES, SOURCE, TARGET
 
 MIB = 1 << 20
 # Process titles Ray gives the actors of a Train run (``ray::<class>[.<method>]``).

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
+from gckd_ray.checkpoint_format import load_checkpoint_config
 from gckd_ray.data.datasets import PairedSplit, build_split, load_records
 from gckd_ray.data.synthetic import CAPTION_STYLES, DOMAIN_STYLES
 from gckd_ray.data.tokenizer import load_tokenizer
-from gckd_ray.distributed.checkpointing import load_checkpoint_config
 from gckd_ray.evaluate import encode_split, load_encoder, retrieval_metrics_from_embeddings
 from gckd_ray.model.centring import SOURCE
 

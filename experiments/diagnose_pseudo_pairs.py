@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from gckd_ray.checkpoint_format import load_checkpoint_config
 from gckd_ray.data.datasets import load_split
 from gckd_ray.data.tokenizer import load_tokenizer
-from gckd_ray.distributed.checkpointing import load_checkpoint_config
 from gckd_ray.distributed.memory import centred_rows, cross_modal_mutual_edges, normalised_rows
 from gckd_ray.evaluate import encode_split, load_encoder
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from experiments.run_table import (METRICS, VARIANTS, parse_with_recorded, recorded_finals,
                                    refuse_contradictions, reused_note, run_one)
-from gckd_ray.distributed.results import SELECTION
+from gckd_ray.results import SELECTION
 
 PROTOCOLS: dict[str, tuple[str, str]] = {
     "C2I": ("synth-cuhk", "synth-icfg"), "C2R": ("synth-cuhk", "synth-rstp"),

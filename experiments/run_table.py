@@ -22,8 +22,8 @@ from pathlib import Path
 
 from gckd_ray.config import load_config
 from gckd_ray.config_rules import check
-from gckd_ray.distributed.results import SELECTION
 from gckd_ray.errors import InputError
+from gckd_ray.results import SELECTION
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
 

@@ -412,7 +412,7 @@ def rerank_split(encoder, head, split, device: torch.device, images: torch.Tenso
 
 def load_encoder(checkpoint: str | Path, cfg, tokenizer):
     """The dual encoder of a training checkpoint (weights loaded with weights_only=True)."""
-    from gckd_ray.distributed.checkpointing import load_model_state
+    from gckd_ray.checkpoint_format import load_model_state
     from gckd_ray.model.retriever import build_encoder
 
     encoder = build_encoder(cfg, tokenizer)
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     from gckd_ray.config import override_config
     from gckd_ray.data.datasets import load_split
     from gckd_ray.data.tokenizer import load_tokenizer
-    from gckd_ray.distributed.checkpointing import load_checkpoint_config
+    from gckd_ray.checkpoint_format import load_checkpoint_config
     from gckd_ray.errors import InputError, one_line
 
     parser = argparse.ArgumentParser(

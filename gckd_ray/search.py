@@ -67,7 +67,7 @@ def _search(args) -> int:
     from gckd_ray import gallery as galleries
     from gckd_ray.data.datasets import Captions
     from gckd_ray.data.tokenizer import load_tokenizer
-    from gckd_ray.distributed.checkpointing import load_checkpoint_config
+    from gckd_ray.checkpoint_format import load_checkpoint_config
     from gckd_ray.evaluate import encode_texts, load_encoder
 
     if args.top < 1:

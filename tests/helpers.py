@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import socket
 import tempfile
 from collections.abc import Callable
@@ -13,6 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from gckd_ray.checkpoint_format import (CHECKPOINT_FORMAT, atomic_torch_save, atomic_write_text,
+                                        write_manifest)
+from gckd_ray.config import Config, save_config
 
 # Small SynthPEDES for fast end-to-end tests (id counts x SYNTH_SCALE).
 SYNTH_SCALE = 0.1
@@ -78,3 +83,37 @@ def run_gloo_ranks(fn: Callable, world: int) -> list:
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_gloo_rank, args=(fn, free_port(), world, out_dir), nprocs=world, join=True)
         return [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
+
+
+def write_checkpoint(directory: Path, epoch: int = 1, world: int = 2, legacy: bool = False,
+                     model: object = None) -> Path:
+    """A checkpoint laid out as `save_checkpoint` writes one: each rank writes its part in its
+    own folder with its manifest last, then the folders are merged (as Ray Train does)."""
+    parts = directory.with_name(directory.name + ".parts")
+    for rank in range(world):
+        part = parts / str(rank)
+        part.mkdir(parents=True)
+        atomic_torch_save({"optimizer": {"step": torch.tensor(epoch + rank)}},
+                          part / f"rank{rank:03d}.pt")
+        if rank == 0:
+            atomic_torch_save({"w": torch.arange(64.0)} if model is None else model,
+                              part / "model.pt")
+            save_config(Config(), part / "config.yaml")
+            (part / "tokenizer").mkdir()
+            (part / "tokenizer" / "vocab.json").write_text('{"a": 0}')
+            meta = {"epoch": epoch, "history": [], "world_size": world, "zero_stage": 0}
+            if not legacy:
+                meta["format"] = CHECKPOINT_FORMAT
+            atomic_write_text(part / "state.json", json.dumps(meta))
+        if not legacy:
+            write_manifest(part, rank)
+        shutil.copytree(part, directory, dirs_exist_ok=True)
+    shutil.rmtree(parts)
+    return directory
+
+
+def flip_byte(path: Path) -> None:
+    """Invert the middle byte of a file (same size, different sha256)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))

@@ -1,5 +1,5 @@
 """Cross-key rules: each rule's message and severity, the CLIs stop before Ray and before
-writing anything, the README's table is the generated one, and what a run reports it ran."""
+writing anything, and the README's table is the generated one."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import pytest
 
 from gckd_ray import config_rules
 from gckd_ray.config import ConfigError, load_config
-from gckd_ray.distributed.results import phases
 from gckd_ray.train import main as train_main
 from gckd_ray.tune import main as tune_main
 
@@ -119,15 +118,3 @@ def test_readme_rules_table_is_the_generated_one():
     readme = (ROOT / "README.md").read_text()
     assert config_rules.with_rules_table(readme) == readme, \
         "README rules table is stale: python -m gckd_ray.config_rules --readme README.md"
-
-
-def test_phases_say_what_ran():
-    cfg = _cfg("train.epochs=3", "gckd.warmup_epochs=1")
-    history = [{"epoch": 1, "itc": 1.0, "id": 2.0, "loss": 3.0, "R1": 5.0},
-               {"epoch": 2, "itc": 1.0, "id": 2.0, "cmkd": 1.0, "gmp": 0.5, "loss": 4.5},
-               {"epoch": 3, "itc": 1.0, "id": 2.0, "cmkd": 1.0, "itm": 0.1, "loss": 4.1}]
-    assert phases(cfg, history) == {
-        "source": {"epochs": 1, "losses": ["itc", "id"]},
-        "adaptation": {"epochs": 2, "losses": ["itc", "id", "cmkd", "gmp", "itm"]}}
-    assert phases(_cfg("method=source_only"), history[:1]) == {
-        "source": {"epochs": 1, "losses": ["itc", "id"]}}

@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from gckd_ray.checkpoint_format import load_checkpoint_config
 from gckd_ray.config import DomainConfig
 from gckd_ray.data.datasets import load_split
 from gckd_ray.data.tokenizer import load_tokenizer
-from gckd_ray.distributed.checkpointing import load_checkpoint_config
 from gckd_ray.evaluate import encode_split, load_encoder, retrieval_metrics
 from gckd_ray.search import main as search_main
 

@@ -1,34 +1,15 @@
-"""Checkpoint directories of a DeepSpeed-trained run: full model, per-rank optimizer (and ZeRO-3
-parameter) partitions, LR schedule, trainer state, config and tokenizer.
-
-Layout of one checkpoint directory (Ray Train merges the ranks' folders into it)::
-
-    model.pt        full state dict of the model (student, teacher, heads; gathered under
-                    ZeRO-3): what evaluation and the search CLI read
-    rank000.pt ...  per rank: its optimizer state dict, its RNG states (torch, augmentation)
-                    and, under ZeRO-3, its partition of every parameter
-    memory.npz      the GCKD memory's queues, target tables and pseudo-ids (numpy, no pickle)
-    scheduler.pt    LR-scheduler state
-    state.json      epoch, metric history, world size and ZeRO stage
-    config.yaml     the full run config
-    tokenizer/      the tokenizer the model was trained with
-    manifest-rank000.json ...  per rank, written last: size and sha256 of every file that
-                    rank wrote
-
-Every torch load is ``weights_only=True``; ZeRO optimizer states hold three small DeepSpeed
-classes, which are allow-listed by name for those loads only. Files are written to a temporary
-name, synced and renamed, and each rank's manifest comes last, so an interrupted write never
-leaves a checkpoint that verifies. `verify_checkpoint` checks every manifest before anything is
-loaded; `usable_checkpoint` falls back to the newest earlier checkpoint of the run that
-verifies.
+"""Checkpoints of a DeepSpeed-trained run through Ray Train: each rank writes its part of a
+checkpoint from its DeepSpeed engine (full model, optimizer and ZeRO-3 parameter partitions, LR
+schedule, trainer state, config, tokenizer, GCKD memory), a resumed run restores the engine from
+one, and `usable_checkpoint` picks the newest checkpoint of the run that verifies. The directory
+layout, manifests, checksums, atomic writes and the Ray-free loaders are the file format in
+`gckd_ray.checkpoint_format`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import posixpath
 import shutil
 from collections.abc import Iterator
@@ -37,115 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
-from gckd_ray.config import Config, config_from_dict, save_config
-from gckd_ray.distributed.memory import MEMORY_FILE, read_state, write_state
-from gckd_ray.errors import InputError
+from gckd_ray.checkpoint_format import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save,
+                                        atomic_write_text, load_model_state, require_file,
+                                        verify_checkpoint, write_manifest, write_state)
+from gckd_ray.config import Config, save_config
 from gckd_ray.model.collectives import rank_and_world
-
-
-MANIFEST = "manifest-rank{rank:03d}.json"
-# state.json "format": 2 = checkpoints with manifests; older ones carry no "format" key.
-CHECKPOINT_FORMAT = 2
-
-
-class CheckpointError(InputError):
-    """An incomplete or corrupted checkpoint; the message names the file."""
-
-    kind = "checkpoint"
-
-
-@contextlib.contextmanager
-def _atomic(path: str | Path, mode: str) -> Iterator[Any]:
-    """Write to ``path.tmp``, sync it, then rename it to ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, mode) as f:
-        yield f
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with _atomic(path, "w") as f:
-        f.write(text)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    with _atomic(path, "wb") as f:
-        torch.save(obj, f)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(directory: str | Path, rank: int) -> Path:
-    """List size and sha256 of every file under ``directory`` (this rank's part of a
-    checkpoint) in ``manifest-rank<rank>.json``, atomically; call it after the last file."""
-    directory = Path(directory)
-    files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        name = path.relative_to(directory).as_posix()
-        if not (name.startswith("manifest-rank") or name.endswith(".tmp")):
-            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    out = directory / MANIFEST.format(rank=rank)
-    atomic_write_text(out, json.dumps({"rank": rank, "files": files}, indent=1))
-    return out
-
-
-def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
-    """Check that a checkpoint is complete and intact: every rank's manifest is there and
-    every file it lists has the listed size and sha256. Checkpoints written before manifests
-    existed (no ``format`` in state.json) have nothing to check.
-
-    Returns:
-        The checkpoint's state.json.
-
-    Raises:
-        CheckpointError: naming the missing, truncated or corrupted file.
-    """
-    directory = Path(directory)
-    state = _read_json(_require(directory, "state.json"))
-    if "format" not in state:
-        return state
-    for rank in range(int(state.get("world_size", 1))):
-        manifest = directory / MANIFEST.format(rank=rank)
-        if not manifest.is_file():
-            raise CheckpointError(f"{directory}: incomplete checkpoint (missing {manifest.name})")
-        for name, entry in _read_json(manifest).get("files", {}).items():
-            _verify_file(directory, manifest.name, name, entry)
-    return state
-
-
-def _verify_file(directory: Path, manifest: str, name: str, entry: dict[str, Any]) -> None:
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise CheckpointError(f"{directory / manifest}: file name {name!r} outside the checkpoint")
-    path = directory / name
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (listed in {manifest})")
-    size = path.stat().st_size
-    if size != entry["size"]:
-        raise CheckpointError(f"{path}: truncated or overwritten ({size} bytes, {manifest} "
-                              f"lists {entry['size']})")
-    if _sha256(path) != entry["sha256"]:
-        raise CheckpointError(f"{path}: corrupted (its sha256 differs from the one in {manifest})")
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: corrupted (not valid JSON: {err})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: corrupted (not a JSON object)")
-    return data
 
 
 @contextlib.contextmanager
@@ -240,26 +118,6 @@ def save_checkpoint(directory: str | Path, *, engine, scheduler: Any, state: dic
     write_manifest(directory, rank)
 
 
-def _require(directory: Path, name: str) -> Path:
-    path = directory / name
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: not a complete gckd-ray checkpoint "
-                              f"(missing {name})")
-    return path
-
-
-def load_checkpoint_config(directory: str | Path) -> Config:
-    """The run config of a checkpoint, after `verify_checkpoint` (raises CheckpointError)."""
-    directory = Path(directory)
-    verify_checkpoint(directory)
-    return config_from_dict(yaml.safe_load(_require(directory, "config.yaml").read_text()))
-
-
-def load_model_state(directory: str | Path) -> dict[str, torch.Tensor]:
-    return torch.load(_require(Path(directory), "model.pt"), map_location="cpu",
-                      weights_only=True)
-
-
 def _load_shard(path: Path) -> dict[str, Any]:
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -269,20 +127,13 @@ def _load_shard(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_memory_state(directory: str | Path) -> dict[str, np.ndarray] | None:
-    """The GCKD memory state a checkpoint holds (numpy, ``allow_pickle=False``), or None."""
-    if not (Path(directory) / MEMORY_FILE).is_file():
-        return None
-    return read_state(directory)
-
-
 def load_training_state(directory: str | Path, engine, scheduler: Any, rank: int,
                         world: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model, optimizer (this rank's partition) and LR schedule in place; return the
     trainer state and this rank's ``extras``. The run must have the world size and ZeRO stage
     it was saved with."""
     directory = Path(directory)
-    state = json.loads(_require(directory, "state.json").read_text())
+    state = json.loads(require_file(directory, "state.json").read_text())
     stage = _zero_stage(engine)
     saved = (state.get("world_size"), state.get("zero_stage"))
     if saved != (world, stage):
@@ -291,7 +142,7 @@ def load_training_state(directory: str | Path, engine, scheduler: Any, rank: int
                          "train.num_workers and deepspeed.zero_stage")
     # ZeRO-1/2 optimizers rebuild their partition from every rank's saved state.
     ranks = range(world) if stage in (1, 2) else [rank]
-    shards = {r: _load_shard(_require(directory, f"rank{r:03d}.pt")) for r in ranks}
+    shards = {r: _load_shard(require_file(directory, f"rank{r:03d}.pt")) for r in ranks}
     full = load_model_state(directory)
     module = engine.module
     if stage == 3:
@@ -309,6 +160,6 @@ def load_training_state(directory: str | Path, engine, scheduler: Any, rank: int
         per_rank = [shards[r]["optimizer"] if r in shards else {} for r in range(world)]
         engine.optimizer.load_state_dict(per_rank, load_optimizer_states=True,
                                          load_from_fp32_weights=True)
-    scheduler.load_state_dict(torch.load(_require(directory, "scheduler.pt"),
+    scheduler.load_state_dict(torch.load(require_file(directory, "scheduler.pt"),
                                          map_location="cpu", weights_only=True))
     return {k: state[k] for k in ("epoch", "history")}, shards[rank]["extras"]

@@ -18,9 +18,9 @@ from gckd_ray.data.formats import Record
 from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.vocab_bridge import bridge_words
 from gckd_ray.distributed.memory import create_memory_actor, memory_actor_name
-from gckd_ray.distributed.results import format_table, results_path, write_results
 from gckd_ray.distributed.runtime import check_placement, init_ray, process_group_backend
 from gckd_ray.model.encoders import embedding_dim
+from gckd_ray.results import format_table, results_path, write_results
 
 
 def prepare_tokenizer(cfg: Config, target_train: list[Record]) -> str:

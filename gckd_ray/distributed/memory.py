@@ -24,7 +24,6 @@ the same dtype; the graph is always built in float32.
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import deque
 from pathlib import Path
@@ -33,9 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from gckd_ray.checkpoint_format import MEMORY_CONFIG_KEYS, MEMORY_FILE, read_state, write_state
+
 MODALITIES = ("image", "text")
 SOURCE, TARGET = 0, 1  # domain flags
-MEMORY_FILE = "memory.npz"
 FEATURE_DTYPES = ("float32", "float16")
 
 
@@ -280,8 +280,6 @@ class MemoryBank:
         return (self._ptr[m] - self._count[m] + np.arange(self._count[m])) % self.queue_size
 
     # ------------------------------------------------------------------ state
-    _CONFIG_KEYS = ("dim", "queue_size", "num_target_images", "num_target_texts")
-
     def _pair_ids(self) -> dict[str, float]:
         """Paired variant: each target image is its own group, each caption joins its image's
         (the pairs are known; person ids still are not)."""
@@ -298,7 +296,7 @@ class MemoryBank:
         per_modality = ("{m}_features", "{m}_domain", "{m}_labels", "{m}_indices", "{m}_ptr",
                         "{m}_count", "target_{m}_features", "target_{m}_seen",
                         "target_{m}_pseudo_ids")
-        return [*MemoryBank._CONFIG_KEYS, "pseudo_k", "seed", "version", "pseudo_version",
+        return [*MEMORY_CONFIG_KEYS, "pseudo_k", "seed", "version", "pseudo_version",
                 "pseudo_threshold", "feature_dtype", "target_pairs",
                 *(k.format(m=m) for m in MODALITIES for k in per_modality)]
 
@@ -366,42 +364,6 @@ class MemoryBank:
                    faiss_threads=faiss_threads)
         bank.load_state_dict(state)
         return bank
-
-
-def write_state(directory: str | Path, state: dict[str, np.ndarray]) -> Path:
-    """Write a bank's ``state_dict`` to ``directory/memory.npz`` atomically (temp file, fsync,
-    rename); return its path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / MEMORY_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **state)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def read_state(directory: str | Path) -> dict[str, np.ndarray]:
-    """The arrays of ``directory/memory.npz`` (no pickle).
-
-    Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: the file is truncated or not a memory state (the message names the file).
-    """
-    path = Path(directory) / MEMORY_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no saved memory state")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            state = {k: data[k] for k in data.files}  # read every array now: errors surface here
-    except Exception as exc:  # zipfile.BadZipFile, EOFError, ValueError, OSError ...
-        raise ValueError(f"{path}: unreadable memory state ({type(exc).__name__}: {exc})") from exc
-    missing = [k for k in MemoryBank._CONFIG_KEYS + ("feature_dtype",) if k not in state]
-    if missing:
-        raise ValueError(f"{path}: not a memory state (missing {missing})")
-    return state
 
 
 def normalised_rows(features: np.ndarray) -> np.ndarray:

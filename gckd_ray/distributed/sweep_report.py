@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
+from gckd_ray.checkpoint_format import atomic_write_text
 from gckd_ray.config import Config, override_config
-from gckd_ray.distributed.checkpointing import atomic_write_text
 from gckd_ray.tune_space import Dimension, describe_metric
 
 CSV_NAME = "sweep.csv"

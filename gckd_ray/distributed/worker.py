@@ -18,14 +18,15 @@ import ray.train
 import ray.train.torch
 import torch
 
+from gckd_ray.checkpoint_format import load_memory_state
 from gckd_ray.config import Config, DomainConfig, config_from_dict
 from gckd_ray.data.datasets import (IdentityBalancedSampler, PairedSplit, UnpairedTarget,
                                     load_records, load_split, load_unpaired, sample_unpaired)
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.data.transforms import TrainAugment
 from gckd_ray.distributed.adaptation import GCKDSteps, TargetFeed
-from gckd_ray.distributed.checkpointing import (load_memory_state, load_training_state,
-                                               save_checkpoint, usable_checkpoint)
+from gckd_ray.distributed.checkpointing import (load_training_state, save_checkpoint,
+                                               usable_checkpoint)
 from gckd_ray.distributed.deepspeed_config import build_engine
 from gckd_ray.distributed.memory import MemoryClient, get_memory_actor
 from gckd_ray.distributed.loop import SourceSteps, run_epoch

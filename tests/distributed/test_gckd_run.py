@@ -10,8 +10,8 @@ import pytest
 
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.distributed.launcher import run_training
-from gckd_ray.distributed.results import METRIC_KEYS
 from gckd_ray.evaluate import main as evaluate_main
+from gckd_ray.results import METRIC_KEYS
 
 pytestmark = pytest.mark.slow
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from gckd_ray.checkpoint_format import MEMORY_FILE
 from gckd_ray.distributed.memory import (
-    MEMORY_FILE, MODALITIES, SOURCE, TARGET, MemoryBank, MemoryClient, connected_components,
+    MODALITIES, SOURCE, TARGET, MemoryBank, MemoryClient, connected_components,
     create_memory_actor, cross_modal_mutual_edges)
 
 D = 16

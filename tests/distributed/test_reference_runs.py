@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gckd_ray.distributed.checkpointing import load_model_state
+from gckd_ray.checkpoint_format import load_model_state
 from gckd_ray.distributed.launcher import run_training
 
 pytestmark = pytest.mark.slow

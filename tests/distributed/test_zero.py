@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from gckd_ray.distributed.checkpointing import verify_checkpoint
+from gckd_ray.checkpoint_format import verify_checkpoint
 from gckd_ray.distributed.launcher import run_training
 from gckd_ray.distributed.metrics_log import read_records
 from gckd_ray.evaluate import main as evaluate_main

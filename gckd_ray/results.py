@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gckd_ray.checkpoint_format import atomic_write_text
 from gckd_ray.config import Config, LossWeights
-from gckd_ray.distributed.checkpointing import atomic_write_text
 
 METRIC_KEYS = ("R1", "R5", "R10", "mAP", "mINP")
 SELECTION = "last epoch (fixed schedule; no target labels used for selection)"
