@@ -37,31 +37,40 @@ class ConfigError(InputError):
     kind = "config"
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field's default and its ``--help`` text (the one place a key is documented)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DomainConfig:
     """One dataset domain. ``root`` is the folder holding the annotation JSON and ``imgs/``;
     empty for a SynthPEDES domain means the generated cache."""
 
-    name: str = "synth-cuhk"
-    root: str = ""
-    paired: bool = False
+    name: str = option("synth-cuhk",
+                       "dataset: data.source labelled, data.target unlabelled (its test split is "
+                       "scored)")
+    root: str = option("", "folder with the annotation JSON and imgs/ ('' = SynthPEDES cache)")
+    paired: bool = option(False,
+                          "target only: easier variant with target pairs known (ids still "
+                          "unknown); the source is always paired")
 
 
 @dataclass
 class DataConfig:
     source: DomainConfig = field(default_factory=lambda: DomainConfig(name="synth-cuhk"))
     target: DomainConfig = field(default_factory=lambda: DomainConfig(name="synth-icfg"))
-    on_bad_record: str = "error"
-    image_height: int = 64
-    image_width: int = 32
-    text_length: int = 32
-    # Seed of the SynthPEDES generator and its cache folder ("" = ~/.cache/gckd_ray/synthpedes).
-    synth_seed: int = 0
-    synth_cache: str = ""
-    # Multiplies SynthPEDES id counts (tests use small fractions).
-    synth_scale: float = 1.0
-    # Decode every image once into memory (SynthPEDES); off for large real datasets.
-    cache_images: bool = True
+    on_bad_record: str = option("error",
+                                "error: stop at a bad record; skip: drop it and count per cause")
+    image_height: int = option(64, "image height after resizing (384 for real data)")
+    image_width: int = option(32, "image width after resizing (128 for real data)")
+    text_length: int = option(32, "tokens per caption incl. bos/eos (77 for CLIP); longer are "
+                                  "truncated")
+    synth_seed: int = option(0, "SynthPEDES generator seed")
+    synth_cache: str = option("", "SynthPEDES cache folder ('' = ~/.cache/gckd_ray/synthpedes)")
+    synth_scale: float = option(1.0, "multiplies SynthPEDES identity counts")
+    cache_images: bool = option(True,
+                                "decode every image once into memory (off for large real datasets)")
 
 
 @dataclass
@@ -69,157 +78,183 @@ class ModelConfig:
     """Dual encoder. ``pretrained`` is a local Hugging Face CLIP folder; empty builds the tiny
     random CLIP below (the SynthPEDES default and tests)."""
 
-    pretrained: str = ""
-    embed_dim: int = 64
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    patch_size: int = 8
+    pretrained: str = option("", "local Hugging Face CLIP folder ('' = tiny random CLIP below)")
+    embed_dim: int = option(64, "tiny CLIP: joint embedding size")
+    hidden_size: int = option(64, "tiny CLIP: transformer width of both towers")
+    num_layers: int = option(2, "tiny CLIP: layers per tower")
+    num_heads: int = option(4, "tiny CLIP: attention heads")
+    patch_size: int = option(8, "tiny CLIP: image patch size in pixels")
 
 
 @dataclass
 class LossWeights:
     # The tiny from-scratch default learns fastest with ITC; IRRA's SDM is the choice for
     # pretrained CLIP (experiments/configs/real_*.yaml).
-    sdm: float = 0.0
-    itc: float = 1.0
-    id: float = 0.5
-    cmkd: float = 1.0
-    gmp: float = 0.5
-    itm: float = 0.5
+    sdm: float = option(0.0, "IRRA similarity-distribution matching on source pairs")
+    itc: float = option(1.0, "image-text contrastive (InfoNCE) on source pairs")
+    id: float = option(0.5, "identity classification on source embeddings")
+    cmkd: float = option(1.0, "contrastive momentum knowledge distillation (gckd)")
+    gmp: float = option(0.5, "graph-based multi-modal propagation (gckd)")
+    itm: float = option(0.5,
+                        "image-text matching head on source pairs and target pseudo-pairs (gckd)")
     # distill.mode=mnf_csc (model/mnf_csc.py): the CSC loss, and the noise filter's triplet
     # and L1 regularisers (the original adds the triplet unweighted, L1 with weight 1e-3).
-    csc: float = 1.0
-    mnf_triplet: float = 1.0
-    mnf_l1: float = 1e-3
+    csc: float = option(1.0, "contrastive semantic calibration (distill.mode=mnf_csc)")
+    mnf_triplet: float = option(1.0, "noise filter triplet regulariser (distill.mode=mnf_csc)")
+    mnf_l1: float = option(1e-3,
+                           "noise filter L1 sparsity on its MLP weights (distill.mode=mnf_csc)")
 
 
 @dataclass
 class LossConfig:
     weights: LossWeights = field(default_factory=LossWeights)
-    sdm_temperature: float = 0.02
-    itc_temperature: float = 0.05
+    sdm_temperature: float = option(0.02, "SDM temperature (IRRA: 0.02)")
+    itc_temperature: float = option(0.05, "ITC temperature")
 
 
 @dataclass
 class GCKDConfig:
     """Memory, teacher and target pseudo-labels (DESIGN.md §2)."""
 
-    momentum: float = 0.995
+    momentum: float = option(0.995, "EMA momentum of the teacher")
     # Per modality. 8,192 already holds every SynthPEDES target item twice over; the published
     # 65,536 (real-data configs) made CMKD the step's bottleneck here (813 of 1,113 ms forward).
-    queue_size: int = 8192
+    queue_size: int = option(8192, "memory queue length per modality")
     # Memory features per modality and domain that join a step's graph (C).
-    memory_nodes: int = 128
-    snapshot_every: int = 5
-    pseudo_every: int = 20
-    pseudo_k: int = 1
-    pseudo_threshold: float = 0.0
+    memory_nodes: int = option(128, "memory features per modality and domain in each step's graph")
+    snapshot_every: int = option(5, "steps between memory snapshot reads")
+    pseudo_every: int = option(20, "steps between target pseudo-id refreshes")
+    pseudo_k: int = option(1, "cross-modal neighbours per node in the pseudo-id graph")
+    pseudo_threshold: float = option(0.0, "minimum cosine of a pseudo-id graph edge")
     # Centre each modality's target features before the pseudo-id graph (reduces hubs).
-    pseudo_center: bool = True
+    pseudo_center: bool = option(True,
+                                 "centre target features per modality before the pseudo-id graph")
     # Epochs of source-only training before adaptation losses switch on: a from-scratch
     # teacher has no target structure worth distilling before it has learned the source.
-    warmup_epochs: int = 10
-    use_pseudo_ids: bool = True
-    use_memory: bool = True
+    warmup_epochs: int = option(10, "source-only epochs before the adaptation losses switch on")
+    use_pseudo_ids: bool = option(True, "ablation: target positives from memory pseudo-ids")
+    use_memory: bool = option(True, "ablation: memory queue as CMKD keys and graph nodes")
     # Remove each (domain, modality) running mean from its embeddings (model/centring.py).
-    domain_centring: bool = True
-    centring_momentum: float = 0.99
+    domain_centring: bool = option(True,
+                                   "ablation: centre embeddings by per-domain, per-modality "
+                                   "running means (training and target evaluation)")
+    centring_momentum: float = option(0.99, "momentum of those running means (per step)")
     # Word vocabulary only: alias target-only caption words to the source word found in the
     # same contexts of the unlabelled target captions (data/vocab_bridge.py), when it leads
     # the runner-up by bridge_margin in cosine (0: the most similar one, if similar enough).
-    vocab_bridge: bool = True
-    bridge_margin: float = 0.0
+    vocab_bridge: bool = option(True,
+                                "alias target-only caption words to source words used in the same "
+                                "contexts (word vocabulary only)")
+    bridge_margin: float = option(0.0, "cosine lead over the runner-up needed to alias a word")
     # Adaptation phase, data/transforms.py TrainAugment.strong: "student" = the student sees a
     # stronger view (zoom, colour jitter, noise) of each image the teacher sees plainly;
     # "both" = teacher and student see the same strong view (augmentation alone); "none".
-    strong_views: str = "student"
+    strong_views: str = option("student",
+                               "adaptation phase: student (strong view for the student, plain for "
+                               "the teacher), both (the same strong view), or none")
 
 
 @dataclass
 class GraphConfig:
-    enabled: bool = True
-    k: int = 10
-    num_layers: int = 2
-    temperature: float = 0.07
+    enabled: bool = option(True, "ablation: graph propagation (GMP) on/off")
+    k: int = option(10, "neighbours per node of the step's kNN graph")
+    num_layers: int = option(2, "message-passing layers of the propagation network")
+    temperature: float = option(0.07, "temperature of graph smoothing and the GMP loss")
 
 
 @dataclass
 class DistillConfig:
-    mode: str = "cmkd"
-    tau_s: float = 0.07
-    tau_t: float = 0.07
-    alpha: float = 0.4
+    mode: str = option("cmkd",
+                       "cmkd, mnf_csc (noise filter + contrastive semantic calibration, "
+                       "model/mnf_csc.py), or none (ablation: no distillation loss)")
+    tau_s: float = option(0.07, "student temperature of CMKD")
+    tau_t: float = option(0.07, "teacher temperature of CMKD")
+    alpha: float = option(0.4, "weight of the teacher distribution vs positives in the CMKD target")
     # mnf_csc mode (model/mnf_csc.py). Gate MLP width; 0 = half the embedding size, as the
     # original's filter.
-    mnf_hidden: int = 0
-    mnf_margin: float = 0.2
+    mnf_hidden: int = option(0, "mnf_csc: hidden width of the gate MLP (0 = embedding size / 2)")
+    mnf_margin: float = option(0.2, "mnf_csc: triplet margin (purified teacher closer than raw)")
     # Pair temperature tau_ij = clamp(cos(s_i, t_j) + csc_tau0, csc_tau_min, csc_tau_max);
     # the floor keeps it positive for dissimilar pairs.
-    csc_tau0: float = 0.07
-    csc_tau_min: float = 0.05
-    csc_tau_max: float = 1.0
+    csc_tau0: float = option(0.07, "mnf_csc: offset of the pair temperature cos(s_i, t_j) + tau0")
+    csc_tau_min: float = option(0.05, "mnf_csc: lower clamp of the pair temperature")
+    csc_tau_max: float = option(1.0, "mnf_csc: upper clamp of the pair temperature")
 
 
 @dataclass
 class MatchingConfig:
     """Cross-domain fine-grained matching head (model/matching.py)."""
 
-    enabled: bool = True
-    hard_negatives: bool = True
-    hidden: int = 64
-    num_heads: int = 4
-    num_layers: int = 1
+    enabled: bool = option(True, "ablation: cross-domain fine-grained matching head (gckd)")
+    hard_negatives: bool = option(True,
+                                  "ablation: most similar other-id negatives (off: random ones)")
+    hidden: int = option(64, "matching head width")
+    num_heads: int = option(4, "matching head attention heads")
+    num_layers: int = option(1, "matching head cross-attention layers")
     # Re-rank each query's top-k at evaluation (reported as rerank_* beside the plain metrics).
-    rerank_top_k: int = 10
-    rerank_weight: float = 1.0
+    rerank_top_k: int = option(10,
+                               "top-k re-ranked by the head at evaluation, reported as rerank_* "
+                               "(0 = off)")
+    rerank_weight: float = option(1.0, "weight of the match probability added in re-ranking")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
+    epochs: int = option(30, "epochs (one epoch: every source identity once per worker group)")
     # Pairs per worker per step; identity-balanced: batch_size / instances_per_id identities.
-    batch_size: int = 64
-    instances_per_id: int = 2
-    lr: float = 2e-3
-    weight_decay: float = 0.02
-    warmup_epochs: float = 1.0
-    grad_clip: float = 1.0
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    batch_size: int = option(64, "source pairs (and target images/captions) per worker per step")
+    instances_per_id: int = option(2, "captions per identity in a source batch")
+    lr: float = option(2e-3, "AdamW peak learning rate (linear warm-up, cosine decay)")
+    weight_decay: float = option(0.02, "AdamW weight decay")
+    warmup_epochs: float = option(1.0, "epochs of linear learning-rate warm-up")
+    grad_clip: float = option(1.0, "global gradient-norm clip (0 = off)")
+    num_workers: int = option(2, "Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = option(False, "one GPU per worker, NCCL")
+    cpus_per_worker: float = option(1.0, "CPUs reserved per worker (also its torch threads)")
     # Worker failures survived by restoring the last checkpoint.
-    max_failures: int = 2
-    log_every: int = 20
+    max_failures: int = option(2, "worker failures survived by restoring the last checkpoint")
+    log_every: int = option(20, "steps between progress lines")
     # Target training images and captions (each drawn independently, no pairing) encoded after
     # every epoch for the label-free selection criterion target_mnn; 0 = off.
-    label_free_samples: int = 1000
+    label_free_samples: int = option(1000,
+                                     "target training images and captions (drawn independently) "
+                                     "scored each epoch by the label-free criterion target_mnn (0 "
+                                     "= off)")
     # Prepare the next batch (fetch, decode, augment) in a background thread during the step;
     # the batches and the augmentation stream are the same either way. Off by default: where
     # the workers already fill the CPU cores (CPU training) the thread only competes with them
     # (2 workers on 2 cores: 239 against 268 pairs/s, benchmarks/RESULTS.md); turn it on where
     # host cores idle during the step (GPU nodes).
-    prefetch: bool = False
+    prefetch: bool = option(False,
+                            "prepare the next batch (fetch, decode, augment) in a background "
+                            "thread while the step runs (identical results); worth it where host "
+                            "cores idle during the step, e.g. GPU nodes")
 
 
 @dataclass
 class DeepSpeedConfig:
     """The student's DeepSpeed engine (distributed/deepspeed_config.py builds its JSON)."""
 
-    zero_stage: int = 0
-    gradient_accumulation_steps: int = 1
+    zero_stage: int = option(0,
+                             "ZeRO stage of the student and teacher (0: replicated, 1: optimizer "
+                             "states, 2: + gradients, 3: + parameters sharded)")
+    gradient_accumulation_steps: int = option(1, "micro-batches per optimizer step")
     # A DeepSpeed JSON whose entries override the generated config ('' = none).
-    config_file: str = ""
+    config_file: str = option("", "DeepSpeed JSON overriding entries of the generated config")
 
 
 @dataclass
 class RunConfig:
-    seed: int = 0
-    output_dir: str = "runs/default"
-    resume: bool = False
+    seed: int = option(0, "seed of initialisation, sampling and augmentation")
+    output_dir: str = option("runs/default",
+                             "results.json, checkpoints (ray/), tokenizer/ and memory/ go here")
+    resume: bool = option(False,
+                          "continue the last run in run.output_dir from its latest checkpoint")
     # Stop (cleanly, after its checkpoint) once this many epochs ran in this invocation; 0 = run
     # to train.epochs. For time-limited allocations: continue later with run.resume=true.
-    stop_after_epochs: int = 0
+    stop_after_epochs: int = option(0,
+                                    "stop after this many epochs of this invocation, checkpointed "
+                                    "(0 = run all); continue with run.resume=true")
 
 
 def _default_search_space() -> dict[str, dict[str, list]]:
@@ -237,22 +272,32 @@ class TuneConfig:
     times ``num_samples``), ``{choice: [...]}``, ``{uniform: [lo, hi]}``,
     ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}`` (hi exclusive)."""
 
-    search_space: dict = field(default_factory=_default_search_space)
-    num_samples: int = 2
+    search_space: dict = field(default_factory=_default_search_space, metadata={
+        "help": "gckd_ray.tune: dotted key -> {grid|choice: [values]} or "
+                "{uniform|loguniform|randint: [lo, hi]}"})
+    num_samples: int = option(2,
+                              "gckd_ray.tune: samples of the space (each grid point this many "
+                              "times)")
     # Trials at a time; 0 = as many as the cluster's CPUs fit.
-    max_concurrent_trials: int = 0
+    max_concurrent_trials: int = option(0, "gckd_ray.tune: trials at a time (0 = as many as fit)")
     # ASHA: first rung this many epochs after gckd.warmup_epochs (before it, trials that differ
     # only in adaptation knobs are identical), then every reduction_factor x further.
-    grace_epochs: int = 2
-    reduction_factor: float = 2.0
+    grace_epochs: int = option(2,
+                               "gckd_ray.tune: ASHA's first rung, in epochs after "
+                               "gckd.warmup_epochs")
+    reduction_factor: float = option(2.0, "gckd_ray.tune: ASHA reduction factor")
     # Rank by target test R@1 (research only; needs target labels) instead of target_mnn.
-    oracle_metric: bool = False
-    max_failures: int = 1
+    oracle_metric: bool = option(False,
+                                 "gckd_ray.tune: rank trials by target test R1 (uses target "
+                                 "labels: research only) instead of the label-free target_mnn")
+    max_failures: int = option(1, "gckd_ray.tune: retries of a failed trial")
 
 
 @dataclass
 class Config:
-    method: str = "gckd"
+    method: str = option("gckd",
+                         "gckd (adapt to the unlabelled target), source_only, or oracle (trains "
+                         "on target labels: a measurement-only upper bound)")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -321,7 +366,8 @@ class Config:
         for key in ("train.lr", "train.cpus_per_worker", "data.synth_scale", "loss.sdm_temperature",
                     "loss.itc_temperature"):
             _positive(key, get_key(self, key))
-        for key in ("run.stop_after_epochs", "train.weight_decay", "train.warmup_epochs", "train.grad_clip", "train.max_failures",
+        for key in ("run.stop_after_epochs", "train.weight_decay", "train.warmup_epochs",
+                    "train.grad_clip", "train.max_failures",
                     "gckd.bridge_margin", "loss.weights.sdm", "loss.weights.itc", "loss.weights.id",
                     "loss.weights.cmkd", "loss.weights.gmp", "loss.weights.itm",
                     "loss.weights.csc", "loss.weights.mnf_triplet", "loss.weights.mnf_l1",
@@ -375,9 +421,9 @@ def _check_step_sizes(cfg: Config) -> None:
 
 def _check_other_ranges(cfg: Config) -> None:
     """Finite floats, and bounds the checks in ``validate`` leave out."""
-    for key, kind, _ in describe_keys(cfg):
-        if kind == "float" and not math.isfinite(get_key(cfg, key)):
-            raise ConfigError(f"{key}: must be a finite number, got {get_key(cfg, key)}")
+    for doc in describe_keys(cfg):
+        if doc.type_name == "float" and not math.isfinite(doc.value):
+            raise ConfigError(f"{doc.key}: must be a finite number, got {doc.value}")
     for key in ("run.seed", "data.synth_seed", "gckd.warmup_epochs"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get_key(cfg, key)}")
@@ -530,122 +576,15 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-KEY_HELP: dict[str, str] = {
-    "method": "gckd (adapt to the unlabelled target), source_only, or oracle (trains on target "
-              "labels: a measurement-only upper bound)",
-    "data.source.name": "labelled source dataset",
-    "data.source.root": "folder with the annotation JSON and imgs/ ('' = SynthPEDES cache)",
-    "data.source.paired": "ignored for the source (always paired and labelled)",
-    "data.target.name": "unlabelled target dataset (test split is scored)",
-    "data.target.root": "folder with the annotation JSON and imgs/ ('' = SynthPEDES cache)",
-    "data.target.paired": "easier variant: target pairs known (ids still unknown)",
-    "data.on_bad_record": "error: stop at a bad record; skip: drop it and count per cause",
-    "data.image_height": "image height after resizing (384 for real data)",
-    "data.image_width": "image width after resizing (128 for real data)",
-    "data.text_length": "tokens per caption incl. bos/eos (77 for CLIP); longer are truncated",
-    "data.synth_seed": "SynthPEDES generator seed",
-    "data.synth_cache": "SynthPEDES cache folder ('' = ~/.cache/gckd_ray/synthpedes)",
-    "data.synth_scale": "multiplies SynthPEDES identity counts",
-    "data.cache_images": "decode every image once into memory (off for large real datasets)",
-    "model.pretrained": "local Hugging Face CLIP folder ('' = tiny random CLIP below)",
-    "model.embed_dim": "tiny CLIP: joint embedding size",
-    "model.hidden_size": "tiny CLIP: transformer width of both towers",
-    "model.num_layers": "tiny CLIP: layers per tower",
-    "model.num_heads": "tiny CLIP: attention heads",
-    "model.patch_size": "tiny CLIP: image patch size in pixels",
-    "loss.weights.sdm": "IRRA similarity-distribution matching on source pairs",
-    "loss.weights.itc": "image-text contrastive (InfoNCE) on source pairs",
-    "loss.weights.id": "identity classification on source embeddings",
-    "loss.weights.cmkd": "contrastive momentum knowledge distillation (gckd)",
-    "loss.weights.gmp": "graph-based multi-modal propagation (gckd)",
-    "loss.weights.itm": "image-text matching head on source pairs and target pseudo-pairs (gckd)",
-    "loss.weights.csc": "contrastive semantic calibration (distill.mode=mnf_csc)",
-    "loss.weights.mnf_triplet": "noise filter triplet regulariser (distill.mode=mnf_csc)",
-    "loss.weights.mnf_l1": "noise filter L1 sparsity on its MLP weights (distill.mode=mnf_csc)",
-    "loss.sdm_temperature": "SDM temperature (IRRA: 0.02)",
-    "loss.itc_temperature": "ITC temperature",
-    "gckd.momentum": "EMA momentum of the teacher",
-    "gckd.queue_size": "memory queue length per modality",
-    "gckd.memory_nodes": "memory features per modality and domain in each step's graph",
-    "gckd.snapshot_every": "steps between memory snapshot reads",
-    "gckd.pseudo_every": "steps between target pseudo-id refreshes",
-    "gckd.pseudo_k": "cross-modal neighbours per node in the pseudo-id graph",
-    "gckd.pseudo_threshold": "minimum cosine of a pseudo-id graph edge",
-    "gckd.pseudo_center": "centre target features per modality before the pseudo-id graph",
-    "gckd.warmup_epochs": "source-only epochs before the adaptation losses switch on",
-    "gckd.use_pseudo_ids": "ablation: target positives from memory pseudo-ids",
-    "gckd.use_memory": "ablation: memory queue as CMKD keys and graph nodes",
-    "gckd.domain_centring": "ablation: centre embeddings by per-domain, per-modality running "
-                            "means (training and target evaluation)",
-    "gckd.centring_momentum": "momentum of those running means (per step)",
-    "gckd.vocab_bridge": "alias target-only caption words to source words used in the same "
-                         "contexts (word vocabulary only)",
-    "gckd.bridge_margin": "cosine lead over the runner-up needed to alias a word",
-    "gckd.strong_views": "adaptation phase: student (strong view for the student, plain for "
-                         "the teacher), both (the same strong view), or none",
-    "graph.enabled": "ablation: graph propagation (GMP) on/off",
-    "graph.k": "neighbours per node of the step's kNN graph",
-    "graph.num_layers": "message-passing layers of the propagation network",
-    "graph.temperature": "temperature of graph smoothing and the GMP loss",
-    "distill.mode": "cmkd, mnf_csc (noise filter + contrastive semantic calibration, "
-                    "model/mnf_csc.py), or none (ablation: no distillation loss)",
-    "distill.tau_s": "student temperature of CMKD",
-    "distill.tau_t": "teacher temperature of CMKD",
-    "distill.alpha": "weight of the teacher distribution vs positives in the CMKD target",
-    "distill.mnf_hidden": "mnf_csc: hidden width of the gate MLP (0 = embedding size / 2)",
-    "distill.mnf_margin": "mnf_csc: triplet margin (purified teacher closer than raw)",
-    "distill.csc_tau0": "mnf_csc: offset of the pair temperature cos(s_i, t_j) + tau0",
-    "distill.csc_tau_min": "mnf_csc: lower clamp of the pair temperature",
-    "distill.csc_tau_max": "mnf_csc: upper clamp of the pair temperature",
-    "matching.enabled": "ablation: cross-domain fine-grained matching head (gckd)",
-    "matching.hard_negatives": "ablation: most similar other-id negatives (off: random ones)",
-    "matching.hidden": "matching head width",
-    "matching.num_heads": "matching head attention heads",
-    "matching.num_layers": "matching head cross-attention layers",
-    "matching.rerank_top_k": "top-k re-ranked by the head at evaluation, reported as rerank_* "
-                             "(0 = off)",
-    "matching.rerank_weight": "weight of the match probability added in re-ranking",
-    "train.epochs": "epochs (one epoch: every source identity once per worker group)",
-    "train.batch_size": "source pairs (and target images/captions) per worker per step",
-    "train.instances_per_id": "captions per identity in a source batch",
-    "train.lr": "AdamW peak learning rate (linear warm-up, cosine decay)",
-    "train.weight_decay": "AdamW weight decay",
-    "train.warmup_epochs": "epochs of linear learning-rate warm-up",
-    "train.grad_clip": "global gradient-norm clip (0 = off)",
-    "train.num_workers": "Ray Train workers (data-parallel ranks)",
-    "train.use_gpu": "one GPU per worker, NCCL",
-    "train.cpus_per_worker": "CPUs reserved per worker (also its torch threads)",
-    "train.max_failures": "worker failures survived by restoring the last checkpoint",
-    "train.log_every": "steps between progress lines",
-    "train.label_free_samples": "target training images and captions (drawn independently) "
-                                "scored each epoch by the label-free criterion target_mnn "
-                                "(0 = off)",
-    "train.prefetch": "prepare the next batch (fetch, decode, augment) in a background thread "
-                      "while the step runs (identical results); worth it where host cores idle "
-                      "during the step, e.g. GPU nodes",
-    "deepspeed.zero_stage": "ZeRO stage of the student and teacher (0: replicated, 1: optimizer "
-                            "states, 2: + gradients, 3: + parameters sharded)",
-    "deepspeed.gradient_accumulation_steps": "micro-batches per optimizer step",
-    "deepspeed.config_file": "DeepSpeed JSON overriding entries of the generated config",
-    "run.stop_after_epochs": "stop after this many epochs of this invocation, checkpointed "
-                             "(0 = run all); continue with run.resume=true",
-    "run.seed": "seed of initialisation, sampling and augmentation",
-    "run.output_dir": "results.json, checkpoints (ray/), tokenizer/ and memory/ go here",
-    "run.resume": "continue the last run in run.output_dir from its latest checkpoint",
-    "tune.search_space": "gckd_ray.tune: dotted key -> {grid|choice: [values]} or "
-                         "{uniform|loguniform|randint: [lo, hi]}",
-    "tune.num_samples": "gckd_ray.tune: samples of the space (each grid point this many times)",
-    "tune.max_concurrent_trials": "gckd_ray.tune: trials at a time (0 = as many as fit)",
-    "tune.grace_epochs": "gckd_ray.tune: ASHA's first rung, in epochs after gckd.warmup_epochs",
-    "tune.reduction_factor": "gckd_ray.tune: ASHA reduction factor",
-    "tune.oracle_metric": "gckd_ray.tune: rank trials by target test R1 (uses target labels: "
-                          "research only) instead of the label-free target_mnn",
-    "tune.max_failures": "gckd_ray.tune: retries of a failed trial",
-}
+class KeyDoc(typing.NamedTuple):
+    key: str        # dotted, as on the command line
+    type_name: str
+    value: Any      # in the described config (the default for ``describe_keys()``)
+    help: str
 
 
-def describe_keys(cfg: Any = None, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """Every dotted key with its type name and default, for ``--help``."""
+def describe_keys(cfg: Any = None, prefix: str = "") -> list[KeyDoc]:
+    """Every dotted key with its type name, default and help text, for ``--help``."""
     cfg = Config() if cfg is None else cfg
     rows = []
     hints = typing.get_type_hints(type(cfg))
@@ -654,14 +593,15 @@ def describe_keys(cfg: Any = None, prefix: str = "") -> list[tuple[str, str, Any
         if dataclasses.is_dataclass(value):
             rows += describe_keys(value, f"{prefix}{f.name}.")
         else:
-            rows.append((prefix + f.name, getattr(hints[f.name], "__name__", str(hints[f.name])),
-                         value))
+            rows.append(KeyDoc(prefix + f.name,
+                               getattr(hints[f.name], "__name__", str(hints[f.name])), value,
+                               f.metadata.get("help", "")))
     return rows
 
 
 def help_epilog() -> str:
     lines = ["configuration keys (override any with key=value; YAML files use the same nesting):"]
-    for key, kind, value in describe_keys():
-        lines += [f"  {key:<26} {kind:<5} {value!r:<14} {KEY_HELP[key]}"]
+    for doc in describe_keys():
+        lines += [f"  {doc.key:<26} {doc.type_name:<5} {doc.value!r:<14} {doc.help}"]
     lines += ["", f"methods: {', '.join(METHODS)}", f"datasets: {', '.join(DATASET_NAMES)}"]
     return "\n".join(lines)

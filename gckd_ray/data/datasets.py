@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gckd_ray.config import Config, DomainConfig
-from gckd_ray.data.formats import DomainRecords, Record, load_domain, read_image
+from gckd_ray.config import DATASET_NAMES, Config, DomainConfig
+from gckd_ray.data.formats import (FORMATS, IMAGE_DIR, SYNTH_FORMATS, DomainRecords, Record,
+                                   read_annotations, read_image)
+from gckd_ray.data.synthetic import ensure_synthetic
 from gckd_ray.data.tokenizer import Tokenizer
 from gckd_ray.data.transforms import pil_to_uint8
 
@@ -111,6 +113,35 @@ def build_split(domain: DomainRecords, tokenizer: Tokenizer, text_length: int,
         image_labels=torch.tensor([label_of[p] for p in image_pid]),
         num_ids=len(label_of),
     )
+
+
+def load_domain(name: str, root: str, split: str, on_bad_record: str = "error",
+                synth_seed: int = 0, synth_cache: str = "",
+                synth_scale: float = 1.0) -> DomainRecords:
+    """Read one split of a named dataset; SynthPEDES domains come from the generator's cache.
+
+    Args:
+        name: one of ``config.DATASET_NAMES``.
+        root: folder holding the annotation JSON and ``imgs/``; for a synth-* domain ``""``
+            means the generated cache (``ensure_synthetic(synth_cache, synth_seed,
+            synth_scale) / name``).
+        split: "train" | "val" | "test".
+        on_bad_record: "error" | "skip".
+        synth_seed, synth_cache, synth_scale: the SynthPEDES generation to use.
+
+    Returns:
+        The split's records, named ``name``.
+    """
+    if name in SYNTH_FORMATS:
+        if not root:
+            root = str(ensure_synthetic(synth_cache, synth_seed, synth_scale) / name)
+        return read_annotations(SYNTH_FORMATS[name], root, split, on_bad_record, name=name)
+    if name not in FORMATS:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+    if not root:
+        raise ValueError(f"dataset {name!r} needs a root: the folder holding "
+                         f"{FORMATS[name].annotation} and {IMAGE_DIR}/")
+    return read_annotations(name, root, split, on_bad_record, name=name)
 
 
 def load_records(cfg: Config, domain: DomainConfig, split: str) -> DomainRecords:

@@ -50,7 +50,6 @@ FORMATS: Mapping[str, FormatSpec] = MappingProxyType({
 SYNTH_FORMATS: Mapping[str, str] = MappingProxyType({
     "synth-cuhk": "cuhk-pedes", "synth-icfg": "icfg-pedes", "synth-rstp": "rstpreid",
 })
-DATASET_NAMES = (*FORMATS, *SYNTH_FORMATS)
 
 
 class DatasetFormatError(InputError):
@@ -176,37 +175,6 @@ def read_annotations(fmt: str, root: str | Path, split: str, on_bad_record: str 
                                  f"({domain.summary()}; splits present: "
                                  f"{_split_counts(items)})")
     return domain
-
-
-def load_domain(name: str, root: str, split: str, on_bad_record: str = "error",
-                synth_seed: int = 0, synth_cache: str = "",
-                synth_scale: float = 1.0) -> DomainRecords:
-    """Read one split of a named dataset; SynthPEDES domains come from the generator's cache.
-
-    Args:
-        name: one of `DATASET_NAMES`.
-        root: folder holding the annotation JSON and ``imgs/``; for a synth-* domain ``""``
-            means the generated cache (``ensure_synthetic(synth_cache, synth_seed,
-            synth_scale) / name``).
-        split: "train" | "val" | "test".
-        on_bad_record: "error" | "skip".
-        synth_seed, synth_cache, synth_scale: the SynthPEDES generation to use.
-
-    Returns:
-        The split's records, named ``name``.
-    """
-    if name in SYNTH_FORMATS:
-        if not root:
-            # Imported here: the generator imports this module's format table.
-            from gckd_ray.data.synthetic import ensure_synthetic
-            root = str(ensure_synthetic(synth_cache, synth_seed, synth_scale) / name)
-        return read_annotations(SYNTH_FORMATS[name], root, split, on_bad_record, name=name)
-    if name not in FORMATS:
-        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
-    if not root:
-        raise ValueError(f"dataset {name!r} needs a root: the folder holding "
-                         f"{FORMATS[name].annotation} and {IMAGE_DIR}/")
-    return read_annotations(name, root, split, on_bad_record, name=name)
 
 
 def read_image(path: str, source: str = "", index: int = -1) -> Image.Image:

@@ -230,7 +230,7 @@ class PropagationNet(nn.Module):
 
 @torch.no_grad()
 def propagate_teacher(features: torch.Tensor, edge_index: torch.Tensor,
-                      temperature: float = 0.1, self_weight: float = 0.5) -> torch.Tensor:
+                      temperature: float, self_weight: float = 0.5) -> torch.Tensor:
     """Parameter-free smoothing of teacher features over the graph (the GMP targets).
 
     x_i' = normalize(self_weight * x_i + (1 - self_weight) * sum_j w_ij x_j), with
@@ -256,7 +256,7 @@ def propagate_teacher(features: torch.Tensor, edge_index: torch.Tensor,
 
 
 def gmp_loss(student_nodes: torch.Tensor, teacher_targets: torch.Tensor,
-             temperature: float = 0.07) -> torch.Tensor:
+             temperature: float) -> torch.Tensor:
     """InfoNCE of propagated student nodes against their graph-smoothed teacher targets.
 
     For node i the logits are s_i . t_j / temperature over the given rows j; the positive is

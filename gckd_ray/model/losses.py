@@ -35,7 +35,7 @@ def _kl_to_labels(logits: torch.Tensor, label_dist: torch.Tensor, epsilon: float
 
 
 def sdm_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, pids: torch.Tensor,
-             temperature: float = 0.02, epsilon: float = 1e-8) -> torch.Tensor:
+             temperature: float, epsilon: float = 1e-8) -> torch.Tensor:
     """IRRA's similarity-distribution matching, image-to-text plus text-to-image.
 
     For a query i the predicted distribution over keys j is softmax(s_ij / temperature); the
@@ -60,7 +60,7 @@ def sdm_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, pids: torch.Tensor
 
 
 def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor,
-             temperature: float = 0.05) -> torch.Tensor:
+             temperature: float) -> torch.Tensor:
     """CLIP's symmetric InfoNCE: the paired caption/image is the only positive.
 
     Args:
@@ -139,8 +139,8 @@ class SourceLoss(nn.Module):
 
 
 def cmkd_loss(student_queries: torch.Tensor, teacher_queries: torch.Tensor, keys: torch.Tensor,
-              positives: torch.Tensor, tau_s: float = 0.07, tau_t: float = 0.07,
-              alpha: float = 0.4) -> torch.Tensor:
+              positives: torch.Tensor, tau_s: float, tau_t: float, alpha: float
+              ) -> torch.Tensor:
     """One direction (i2t or t2i) of CMKD: cross-entropy from a softened target to the student.
 
     p_s = softmax(q_s K^T / tau_s); target = alpha * softmax(q_t K^T / tau_t) + (1 - alpha) * y,

@@ -78,7 +78,7 @@ def pair_temperature(queries: torch.Tensor, keys: torch.Tensor, tau0: float, tau
 
 
 def csc_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
-             tau0: float = 0.07, tau_min: float = 0.05, tau_max: float = 1.0) -> torch.Tensor:
+             tau0: float, tau_min: float, tau_max: float) -> torch.Tensor:
     """Contrastive semantic calibration, one direction.
 
     For query i: p_i = softmax_j(cos(q_i, k_j) / tau_ij); loss_i = -mean over positives j of
@@ -106,7 +106,7 @@ def csc_loss(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor,
 
 
 def triplet_loss(anchor: torch.Tensor, raw: torch.Tensor, purified: torch.Tensor,
-                 margin: float = 0.2) -> torch.Tensor:
+                 margin: float) -> torch.Tensor:
     """mean_i max(cos(a_i, raw_i) - cos(a_i, purified_i) + margin, 0): the purified teacher
     feature must be closer to the student's partner feature than the raw one. (N, D) each;
     0 for N = 0."""

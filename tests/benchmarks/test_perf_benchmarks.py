@@ -121,7 +121,7 @@ def test_scaling_parses_the_trainers_progress_lines(capsys):
 def test_data_loading_smoke(synth_cache, tmp_path):
     from benchmarks import data_loading
     from gckd_ray.config import load_config
-    from gckd_ray.data.formats import load_domain
+    from gckd_ray.data.datasets import load_domain
 
     overrides = [f"data.synth_cache={synth_cache}", f"data.synth_scale={SYNTH_SCALE}"]
     roots = data_loading.write_real_format(load_config(None, overrides), tmp_path, 2.0, 12)

@@ -11,8 +11,10 @@ from PIL import Image
 
 from gckd_ray.config import load_config
 from gckd_ray.data.datasets import build_split, load_split, load_unpaired
-from gckd_ray.data.formats import (FORMATS, DatasetFormatError, DomainRecords, Record,
-                                   load_domain, read_annotations, read_image)
+from gckd_ray.config import DATASET_NAMES
+from gckd_ray.data.datasets import load_domain
+from gckd_ray.data.formats import (FORMATS, SYNTH_FORMATS, DatasetFormatError, DomainRecords,
+                                   Record, read_annotations, read_image)
 from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.synthetic import MANIFEST, ensure_synthetic, generate
 
@@ -88,6 +90,10 @@ def test_load_domain_synth_with_empty_root_uses_the_cache(tmp_path):
     assert again.records == got.records
     assert (folder / MANIFEST).stat().st_mtime_ns == stamp
     assert [p.name for p in cache.iterdir()] == [folder.name]
+
+
+def test_config_dataset_names_are_the_readers_formats_and_synth_domains():
+    assert DATASET_NAMES == (*FORMATS, *SYNTH_FORMATS)
 
 
 def test_load_domain_rejects_unknown_names_and_missing_roots():

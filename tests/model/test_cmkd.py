@@ -56,13 +56,14 @@ def test_cmkd_extremes():
     log_p = (qs @ keys.t() / 0.07).log_softmax(1)
     # alpha = 1: pure distillation, positives ignored
     p_t = (qt @ keys.t() / 0.05).softmax(1)
-    torch.testing.assert_close(cmkd_loss(qs, qt, keys, pos, tau_t=0.05, alpha=1.0),
+    torch.testing.assert_close(cmkd_loss(qs, qt, keys, pos, tau_s=0.07, tau_t=0.05, alpha=1.0),
                                -(p_t * log_p).sum(1).mean())
     # alpha = 0: cross-entropy to the normalised positives, teacher ignored
     y = pos.double() / pos.double().sum(1, keepdim=True)
-    torch.testing.assert_close(cmkd_loss(qs, qt, keys, pos, alpha=0.0), -(y * log_p).sum(1).mean())
+    torch.testing.assert_close(cmkd_loss(qs, qt, keys, pos, 0.07, 0.07, alpha=0.0),
+                               -(y * log_p).sum(1).mean())
     other_teacher = torch.randn(2, 3, dtype=torch.float64)
-    torch.testing.assert_close(cmkd_loss(qs, other_teacher, keys, pos, alpha=0.0),
+    torch.testing.assert_close(cmkd_loss(qs, other_teacher, keys, pos, 0.07, 0.07, alpha=0.0),
                                -(y * log_p).sum(1).mean())
     # A student equal to a sharp teacher on one-hot keys is near the target entropy minimum.
     # float32 math: the exact loss is ~80 exp(-100) ~ 3e-42, which float32 rounds to 0 or a
@@ -76,11 +77,13 @@ def test_cmkd_gradient_only_through_student_queries():
     qs = _unit(QS).float().requires_grad_()
     qt = _unit(QT).float().requires_grad_()
     keys = _unit(KEYS).float().requires_grad_()
-    cmkd_loss(qs, qt, keys, torch.tensor([[True, False, False], [False, False, False]])).backward()
+    cmkd_loss(qs, qt, keys, torch.tensor([[True, False, False], [False, False, False]]),
+              0.07, 0.07, 0.4).backward()
     assert qs.grad is not None and qs.grad.abs().sum() > 0
     assert qt.grad is None and keys.grad is None
 
 
 def test_cmkd_rejects_mismatched_positives():
     with pytest.raises(ValueError, match=r"\(B, M\)"):
-        cmkd_loss(_unit(QS), _unit(QT), _unit(KEYS), torch.zeros(2, 2, dtype=torch.bool))
+        cmkd_loss(_unit(QS), _unit(QT), _unit(KEYS), torch.zeros(2, 2, dtype=torch.bool),
+                  0.07, 0.07, 0.4)

@@ -172,7 +172,7 @@ def test_propagate_teacher_identity_when_neighbours_are_duplicates():
     g = torch.Generator().manual_seed(0)
     base = F.normalize(torch.randn(5, 8, generator=g, dtype=torch.float64), dim=-1)
     x = base.repeat_interleave(4, dim=0)  # each node has 3 exact copies: its 3 nearest
-    out = propagate_teacher(x, knn_edges(x, 3))
+    out = propagate_teacher(x, knn_edges(x, 3), temperature=0.1)
     # float64 end to end (unit rows normalised in float64): out = x to ~1e-16
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, x)
@@ -181,13 +181,13 @@ def test_propagate_teacher_identity_when_neighbours_are_duplicates():
 def test_propagate_teacher_smooths_toward_neighbours():
     # float64 end to end: a kept feature is x re-normalised in float64 (~1e-16 off)
     x, edges = _graph(dtype=torch.float64)
-    out = propagate_teacher(x, edges)
+    out = propagate_teacher(x, edges, temperature=0.1)
     src, dst = edges
     before = (x[dst] * x[src]).sum(-1).mean()
     after = (out[dst] * out[src]).sum(-1).mean()
     assert after > before
     # a node without incoming edges keeps its feature
-    kept = propagate_teacher(x, edges[:, edges[1] != 0])
+    kept = propagate_teacher(x, edges[:, edges[1] != 0], temperature=0.1)
     torch.testing.assert_close(kept[0], x[0])
 
 
@@ -208,10 +208,10 @@ def test_gmp_loss_matches_hand_computation():
 def test_gmp_loss_gradient_reaches_student_only():
     s = F.normalize(torch.randn(6, 8), dim=-1).requires_grad_()
     t = F.normalize(torch.randn(6, 8), dim=-1).requires_grad_()
-    gmp_loss(s, t).backward()
+    gmp_loss(s, t, 0.07).backward()
     assert s.grad.abs().sum() > 0 and t.grad is None
     with pytest.raises(ValueError, match="same shape"):
-        gmp_loss(s, t[:5])
+        gmp_loss(s, t[:5], 0.07)
 
 
 def test_target_nodes_move_toward_source_and_cross_modal_cluster_mates():

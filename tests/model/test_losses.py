@@ -94,7 +94,7 @@ def test_itc_matches_hand_computation():
 def test_gradients_flow_to_both_modalities():
     img = _unit(IMG).float().requires_grad_()
     txt = _unit(TXT).float().requires_grad_()
-    (sdm_loss(img, txt, torch.tensor([0, 0, 1, 2])) + itc_loss(img, txt)).backward()
+    (sdm_loss(img, txt, torch.tensor([0, 0, 1, 2]), 0.02) + itc_loss(img, txt, 0.05)).backward()
     for grad in (img.grad, txt.grad):
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 

@@ -146,7 +146,7 @@ def test_triplet_loss_matches_hand_computation():
     # The first row is already beyond the margin: only the second contributes.
     assert _dot(_unit_rows(anchor)[0], _unit_rows(purified)[0]) - \
         _dot(_unit_rows(anchor)[0], _unit_rows(raw)[0]) > 0.2
-    assert triplet_loss(torch.zeros(0, 2), torch.zeros(0, 2), torch.zeros(0, 2)).item() == 0.0
+    assert triplet_loss(torch.zeros(0, 2), torch.zeros(0, 2), torch.zeros(0, 2), 0.2).item() == 0.0
 
 
 def test_l1_penalty_matches_hand_computation():

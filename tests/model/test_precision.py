@@ -11,6 +11,9 @@ from gckd_ray.model.losses import IdentityClassifier, cmkd_loss, itc_loss, sdm_l
 from gckd_ray.model.mnf_csc import csc_loss, triplet_loss
 from gckd_ray.model.precision import at_least_float32, compute_dtype
 
+CMKD = (0.07, 0.07, 0.4)  # tau_s, tau_t, alpha
+CSC = (0.07, 0.05, 1.0)   # tau0, tau_min, tau_max
+
 
 @pytest.mark.parametrize("given, expected", [
     (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
@@ -30,10 +33,10 @@ def _losses(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     positives = pids.view(-1, 1) == pids.view(1, -1)
     edges = torch.tensor([[1, 2, 0, 3], [0, 0, 1, 2]])
     id_head = IdentityClassifier(8, 3).to(dtype)
-    return {"sdm": sdm_loss(img, txt, pids), "itc": itc_loss(img, txt),
-            "id": id_head(img, txt, pids), "cmkd": cmkd_loss(img, img, txt, positives),
-            "csc": csc_loss(img, txt, positives), "triplet": triplet_loss(img, txt, img),
-            "gmp": gmp_loss(img, propagate_teacher(txt, edges))}
+    return {"sdm": sdm_loss(img, txt, pids, 0.02), "itc": itc_loss(img, txt, 0.05),
+            "id": id_head(img, txt, pids), "cmkd": cmkd_loss(img, img, txt, positives, *CMKD),
+            "csc": csc_loss(img, txt, positives, *CSC), "triplet": triplet_loss(img, txt, img, 0.2),
+            "gmp": gmp_loss(img, propagate_teacher(txt, edges, 0.1), 0.07)}
 
 
 def test_losses_return_float64_for_float64_inputs():
@@ -62,6 +65,7 @@ def test_mixed_float32_and_float64_inputs_meet_in_float64():
     b32 = F.normalize(torch.randn(4, 8), dim=1)
     pids = torch.tensor([0, 0, 1, 1])
     positives = pids.view(-1, 1) == pids.view(1, -1)
-    for loss in (sdm_loss(a64, b32, pids), itc_loss(b32, a64), cmkd_loss(a64, b32, b32, positives),
-                 csc_loss(b32, a64, positives), triplet_loss(b32, a64, b32), gmp_loss(a64, b32)):
+    for loss in (sdm_loss(a64, b32, pids, 0.02), itc_loss(b32, a64, 0.05),
+                 cmkd_loss(a64, b32, b32, positives, *CMKD), csc_loss(b32, a64, positives, *CSC),
+                 triplet_loss(b32, a64, b32, 0.2), gmp_loss(a64, b32, 0.07)):
         assert loss.dtype == torch.float64
