@@ -1,1 +1,1 @@
-"""The one place that knows Ray (Train, actors) and, later, DeepSpeed."""
+"""The one place that knows Ray (Train, Tune, the memory actor) and DeepSpeed."""

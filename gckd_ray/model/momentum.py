@@ -3,14 +3,16 @@
 t <- m * t + (1 - m) * s over every parameter (momentum m, default 0.995); buffers are copied.
 The update is an explicit call after ``optimizer.step()``, never part of a forward.
 
-ZeRO-3 (DESIGN section 7): the teacher is a second DeepSpeed engine, sharded exactly like the
-student, and each rank updates only its own partition (no communication). :func:`params_of`
+ZeRO-3 (DESIGN section 4): the teacher is a frozen submodule of the student's DeepSpeed engine
+(``FrozenTeacher``), so ZeRO-3 partitions it exactly like the student, and each rank updates only
+its own partition (no communication). :func:`params_of`
 is the one place that chooses the tensor the EMA writes: ``p.ds_tensor`` (this rank's
 partition) when a parameter is ZeRO-3 partitioned, else the parameter itself. This module reads
 those attributes by name and never imports DeepSpeed. The shard-local update matches a
 full-parameter EMA only with ``stage3_param_persistence_threshold: 0``: a persistent parameter
-is kept whole in ``p.data`` and is never re-gathered from ``ds_tensor`` for an engine without
-optimizer, so :func:`params_of` refuses it instead of drifting silently.
+is kept whole in ``p.data`` and is never re-gathered from ``ds_tensor`` for a parameter the
+optimizer does not own (the frozen teacher's), so :func:`params_of` refuses it instead of
+drifting silently.
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def params_of(module: nn.Module) -> dict[str, torch.Tensor]:
 
     A plain, DDP-wrapped or ZeRO-0/1/2 model: the parameter itself (its full value). A ZeRO-3
     partitioned parameter (it has ``ds_tensor``): this rank's flat partition, so the update is
-    shard-local; teacher and student partitions line up because both engines use the same
-    ZeRO-3 config over the same architecture.
+    shard-local; teacher and student partitions line up because one engine partitions both
+    (same ZeRO-3 config, same architecture).
 
     Raises:
         ValueError: a ZeRO-3 parameter is persistent (``ds_persist``): set
