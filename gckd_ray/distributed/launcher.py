@@ -18,7 +18,8 @@ from gckd_ray.data.formats import Record
 from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.vocab_bridge import bridge_words
 from gckd_ray.distributed.memory import create_memory_actor, memory_actor_name
-from gckd_ray.distributed.runtime import check_placement, init_ray, process_group_backend
+from gckd_ray.distributed.runtime import (check_placement, init_ray, process_group_backend,
+                                          process_group_listen_host)
 from gckd_ray.model.encoders import embedding_dim
 from gckd_ray.results import format_table, results_path, write_results
 
@@ -82,8 +83,9 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     init_ray()
     check_placement(cfg.train)
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
+    from gckd_ray.distributed.process_group import BoundStoreTorchConfig
     from gckd_ray.distributed.worker import train_loop_per_worker
 
     storage = output / "ray"
@@ -96,7 +98,8 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend=process_group_backend(cfg.train)),
+        torch_config=BoundStoreTorchConfig(backend=process_group_backend(cfg.train),
+                                           listen_host=process_group_listen_host()),
         scaling_config=ScalingConfig(
             num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker}),

@@ -28,7 +28,28 @@ def worker_env() -> dict[str, str]:
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     if LOOPBACK_ENV in os.environ:
         env[LOOPBACK_ENV] = os.environ[LOOPBACK_ENV]
+    loopback = _loopback_interface()
+    if is_local() and loopback:
+        env["GLOO_SOCKET_IFNAME"] = loopback  # gloo's pair sockets on loopback, like the store
     return env
+
+
+def _loopback_interface() -> str:
+    import socket
+
+    names = {name for _, name in socket.if_nameindex()}
+    return next((name for name in ("lo", "lo0") if name in names), "")
+
+
+def is_local() -> bool:
+    """A run on a Ray instance this driver starts (not ``ray job submit`` / RAY_ADDRESS)."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
+def process_group_listen_host() -> str:
+    """Where the process group's store listens: loopback for a local run, else ("") the first
+    worker's node address (the cluster's private network)."""
+    return "127.0.0.1" if is_local() else ""
 
 
 def init_ray(num_cpus: int | None = None) -> None:
