@@ -82,9 +82,10 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     tokenizer_dir = prepare_tokenizer(cfg, target_train)
     init_ray()
     check_placement(cfg.train)
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
+                           ScalingConfig, TrainingFailedError)
 
+    from gckd_ray.distributed.failures import Trainer, input_error_of
     from gckd_ray.distributed.process_group import BoundStoreTorchConfig
     from gckd_ray.distributed.worker import train_loop_per_worker
 
@@ -95,7 +96,7 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     if cfg.method == "gckd":
         actor = start_memory(cfg, run_name, target_train)
         loop_config["memory_actor"] = memory_actor_name(run_name)
-    trainer = TorchTrainer(
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=BoundStoreTorchConfig(backend=process_group_backend(cfg.train),
@@ -113,6 +114,11 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     )
     try:
         result = trainer.fit()
+    except TrainingFailedError as err:
+        # A data or config error in a worker: its own one line, not a worker-group traceback.
+        if (cause := input_error_of(err)) is not None:
+            raise cause from None
+        raise
     finally:
         if actor is not None:
             import ray

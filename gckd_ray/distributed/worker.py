@@ -28,6 +28,7 @@ from gckd_ray.distributed.adaptation import GCKDSteps, TargetFeed
 from gckd_ray.distributed.checkpointing import (load_training_state, save_checkpoint,
                                                usable_checkpoint)
 from gckd_ray.distributed.deepspeed_config import build_engine
+from gckd_ray.distributed.failures import quiet_input_error_tracebacks
 from gckd_ray.distributed.memory import MemoryClient, get_memory_actor
 from gckd_ray.distributed.loop import SourceSteps, run_epoch
 from gckd_ray.distributed.metrics_log import MetricsLog
@@ -56,6 +57,7 @@ def _lr_lambda(cfg: Config, steps_per_epoch: int):
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    quiet_input_error_tracebacks()
     cfg = config_from_dict(loop_config["cfg"])
     tokenizer_dir = loop_config["tokenizer_dir"]
     ctx = ray.train.get_context()
