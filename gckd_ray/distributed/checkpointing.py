@@ -97,8 +97,8 @@ def save_checkpoint(directory: str | Path, *, engine, scheduler: Any, state: dic
                     extras: dict[str, Any], memory: dict[str, np.ndarray] | None) -> None:
     """Write this rank's part of a checkpoint into ``directory`` (every rank calls it).
 
-    ``extras``: this rank's tensors to restore on resume (RNG states); ``memory``: the GCKD
-    memory's state (rank 0), or None."""
+    ``extras``: this rank's tensors to restore on resume (RNG states, the EMA's fp32 masters);
+    ``memory``: the GCKD memory's state (rank 0), or None."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     full = full_state_dict(engine)

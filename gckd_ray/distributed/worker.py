@@ -88,6 +88,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             memory_state = load_memory_state(ckpt_dir) if rank == 0 and gckd else None
         torch.set_rng_state(extras["torch_rng"])
         augment.load_state_dict({"generator": extras["augment_rng"]})
+        if gckd:  # older checkpoints have no "ema": its masters are rebuilt from the teacher
+            unwrap(model).ema_state.load_state_dict(extras.get("ema", {}))
         if memory_state is not None:  # the memory as it was at this checkpoint
             ray.get(actor.load_state_dict.remote(memory_state))
         if rank == 0:
@@ -114,6 +116,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.get(actor.autosave.remote())  # the memory restarts from here if its actor dies
         extras = {"torch_rng": torch.get_rng_state(),
                   "augment_rng": augment.state_dict()["generator"]}
+        if gckd:  # the teacher's fp32 EMA masters: per rank (shard-shaped under ZeRO-3)
+            extras["ema"] = unwrap(model).ema_state.state_dict()
         memory_state = ray.get(actor.state_dict.remote()) if gckd and rank == 0 else None
         _report(cfg, model, scheduler, state, tokenizer_dir, rank, extras, memory_state)
         if rank == 0:

@@ -6,9 +6,11 @@ the memory snapshot handed in as tensors, graph propagation over batch + memory 
 dict of weighted losses; ``distill.mode`` picks the distillation term, CMKD or MNF/CSC
 (model/mnf_csc.py). The EMA update and the memory push are explicit calls after the
 optimizer step (``ema_step``; the worker pushes ``StepOutput.teacher``), never hidden in
-``forward``. Target ids and target pairing are never inputs: target positives come from the
-memory's pseudo-ids, which its cross-domain graph derives from teacher features of the whole
-target set. In-batch mutual nearest neighbours are not used: an unpaired batch rarely holds
+``forward``. The EMA's fp32 masters of a bf16 teacher (``ema_state``, model/momentum.py) are
+outside ``state_dict()``: the worker saves them with its rank's part of each checkpoint.
+Target ids and target pairing are never inputs: target positives come from the memory's
+pseudo-ids, which its cross-domain graph derives from teacher features of the whole target
+set. In-batch mutual nearest neighbours are not used: an unpaired batch rarely holds
 a caption's person at all (64 of 4,000 images: ~3%), and such pairs measured 0% precision.
 """
 
@@ -28,7 +30,7 @@ from gckd_ray.model.collectives import all_gather_no_grad, all_gather_with_grad
 from gckd_ray.model.losses import SourceLoss, cmkd_loss
 from gckd_ray.model.matching import MatchingHead, itm_loss, select_hard_negatives
 from gckd_ray.model.mnf_csc import MNFCSC, csc_loss, triplet_loss
-from gckd_ray.model.momentum import FrozenTeacher, ema_update, make_teacher
+from gckd_ray.model.momentum import EMAState, FrozenTeacher, ema_update, make_teacher
 
 # Source labels and target pseudo-ids share one integer space for positive masks; target
 # groups are shifted past any source label. -1 means "no known group" and is never positive.
@@ -74,6 +76,7 @@ class GCKDDistiller(nn.Module):
         super().__init__()
         self.encoder = student  # named like Retriever's, so checkpoints/eval read it the same way
         self.teacher = FrozenTeacher(make_teacher(student))
+        self.ema_state = EMAState()  # fp32 masters of a bf16/fp16 teacher, this rank's shards
         self.objective = source_loss
         self.propagation = (PropagationNet(student.embed_dim, cfg.graph.num_layers)
                             if cfg.graph.enabled else None)
@@ -94,7 +97,7 @@ class GCKDDistiller(nn.Module):
     @torch.no_grad()
     @record_function("gckd.ema")
     def ema_step(self) -> None:
-        ema_update(self.teacher.module, self.encoder, self.gckd.momentum)
+        ema_update(self.teacher.module, self.encoder, self.gckd.momentum, self.ema_state)
 
     def forward(self, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor],
                 memory: MemoryView | None, adapt: bool) -> StepOutput:

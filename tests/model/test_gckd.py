@@ -76,6 +76,26 @@ def test_gradients_reach_student_not_teacher_and_ema_moves_teacher():
     assert all(m == pytest.approx(0.1 * (1 - cfg.gckd.momentum), rel=1e-3) for m in moved)
 
 
+def test_bf16_distiller_keeps_fp32_ema_masters_outside_its_state_dict():
+    _, model, *_ = _setup()
+    model.to(torch.bfloat16)  # as DeepSpeed's bf16 engine casts its module, teacher included
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(0.25)
+    model.ema_step()
+    masters = model.ema_state.state_dict()
+    teacher = dict(model.teacher.module.named_parameters())
+    assert masters.keys() == teacher.keys()
+    assert all(m.dtype == torch.float32 for m in masters.values())
+    # bf16: the teacher is its master rounded once, exactly; the masters keep what bf16 drops
+    assert all(torch.equal(t, masters[n].to(torch.bfloat16)) for n, t in teacher.items())
+    assert any(not torch.equal(masters[n], t.float()) for n, t in teacher.items())
+    assert not any(k.startswith("ema_state") for k in model.state_dict())  # saved as extras
+    _, fp32, *_ = _setup()
+    fp32.ema_step()
+    assert fp32.ema_state.state_dict() == {}  # float32 teacher tensors are their own state
+
+
 def test_target_positives_come_from_memory_pseudo_ids_only():
     cfg, model, source, target = _setup()
     pos_t2i, pos_i2t, stats = model._target_positives(source, target, _memory())
