@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from gckd_ray.config import DATASET_NAMES, Config, DomainConfig
-from gckd_ray.data.formats import (FORMATS, IMAGE_DIR, SYNTH_FORMATS, DomainRecords, Record,
-                                   read_annotations, read_image)
+from gckd_ray.data.formats import (FORMATS, IMAGE_DIR, SYNTH_FORMATS, DatasetFormatError,
+                                   DomainRecords, Record, read_annotations, read_image)
 from gckd_ray.data.synthetic import ensure_synthetic
 from gckd_ray.data.tokenizer import Tokenizer
 from gckd_ray.data.transforms import pil_to_uint8
@@ -147,6 +147,30 @@ def load_domain(name: str, root: str, split: str, on_bad_record: str = "error",
 def load_records(cfg: Config, domain: DomainConfig, split: str) -> DomainRecords:
     return load_domain(domain.name, domain.root, split, cfg.data.on_bad_record,
                        cfg.data.synth_seed, cfg.data.synth_cache, cfg.data.synth_scale)
+
+
+def labelled_domain(cfg: Config) -> DomainConfig:
+    """The domain whose labels train: the source (the oracle trains on target labels: a
+    measurement-only upper bound, never a GCKD input)."""
+    return cfg.data.target if cfg.method == "oracle" else cfg.data.source
+
+
+def check_batches_fit(cfg: Config, labelled: DomainRecords) -> None:
+    """Refuse, before any worker starts, a labelled split with too few identities for one
+    identity-balanced batch on every worker (``IdentityBalancedSampler`` would fail in each)."""
+    ids = len({r.pid for r in labelled.records})
+    per_batch = cfg.train.batch_size // cfg.train.instances_per_id
+    workers = cfg.train.num_workers
+    if ids >= per_batch * workers:
+        return
+    fits = (ids // workers) * cfg.train.instances_per_id
+    fix = (f"train.batch_size={fits}" if fits >= cfg.train.instances_per_id
+           else f"train.num_workers={max(1, ids // per_batch)} or a larger dataset")
+    raise DatasetFormatError(
+        f"{labelled.name}/{labelled.split}: {ids} identities, but train.batch_size="
+        f"{cfg.train.batch_size} with train.instances_per_id={cfg.train.instances_per_id} needs "
+        f"{per_batch} per batch on each of train.num_workers={workers} workers "
+        f"({per_batch * workers}); set {fix}")
 
 
 def load_split(cfg: Config, domain: DomainConfig, split: str, tokenizer: Tokenizer,

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gckd_ray.config import Config
-from gckd_ray.data.datasets import load_records, target_pairs
+from gckd_ray.data.datasets import (check_batches_fit, labelled_domain, load_records,
+                                    target_pairs)
 from gckd_ray.data.formats import Record
 from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.vocab_bridge import bridge_words
@@ -76,6 +77,7 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
 
     ``callbacks``: Ray Train ``UserCallback``s (a Tune trial passes Tune's report callback)."""
     cfg = cfg.with_absolute_paths()  # workers run in another working directory
+    check_batches_fit(cfg, load_records(cfg, labelled_domain(cfg), "train"))
     output = Path(cfg.run.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     target_train = load_records(cfg, cfg.data.target, "train").records

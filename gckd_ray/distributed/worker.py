@@ -19,9 +19,10 @@ import ray.train.torch
 import torch
 
 from gckd_ray.checkpoint_format import load_memory_state
-from gckd_ray.config import Config, DomainConfig, config_from_dict
+from gckd_ray.config import Config, config_from_dict
 from gckd_ray.data.datasets import (IdentityBalancedSampler, PairedSplit, UnpairedTarget,
-                                    load_records, load_split, load_unpaired, sample_unpaired)
+                                    labelled_domain, load_records, load_split, load_unpaired,
+                                    sample_unpaired)
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.data.transforms import TrainAugment
 from gckd_ray.distributed.adaptation import GCKDSteps, TargetFeed
@@ -37,11 +38,6 @@ from gckd_ray.evaluate import (encode_split, mutual_nn_agreement, rerank_split,
 from gckd_ray.model.gckd import build_gckd
 from gckd_ray.model.momentum import unwrap
 from gckd_ray.model.retriever import build_retriever
-
-
-def _labelled_domain(cfg: Config) -> DomainConfig:
-    # The oracle trains on target labels: a measurement-only upper bound, never a GCKD input.
-    return cfg.data.target if cfg.method == "oracle" else cfg.data.source
 
 
 def _lr_lambda(cfg: Config, steps_per_epoch: int):
@@ -66,7 +62,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(tokenizer_dir)
 
-    train_split = load_split(cfg, _labelled_domain(cfg), "train", tokenizer, verbose=rank == 0)
+    train_split = load_split(cfg, labelled_domain(cfg), "train", tokenizer, verbose=rank == 0)
     test_split = load_split(cfg, cfg.data.target, "test", tokenizer, verbose=rank == 0)
     selection = _label_free_set(cfg, tokenizer)
     sampler = IdentityBalancedSampler(train_split.labels, cfg.train.batch_size,

@@ -2,11 +2,13 @@
 
 import random
 
+import pytest
 import torch
 
+from gckd_ray.config import load_config
 from gckd_ray.data.datasets import (IdentityBalancedSampler, UnpairedStreams, build_split,
-                                    build_unpaired, sample_unpaired)
-from gckd_ray.data.formats import DomainRecords, Record
+                                    build_unpaired, check_batches_fit, sample_unpaired)
+from gckd_ray.data.formats import DatasetFormatError, DomainRecords, Record
 from gckd_ray.data.tokenizer import WordTokenizer
 
 
@@ -109,3 +111,15 @@ def test_build_split_indexes_images_and_labels():
     assert split.image_of.tolist() == [0, 0, 1, 2]
     assert split.labels.tolist() == [1, 1, 0, 1] and split.image_labels.tolist() == [1, 0, 1]
     assert split.num_ids == 2
+
+
+def test_too_few_identities_for_a_batch_on_every_worker_is_refused_with_the_fix():
+    records = [Record(image_path=f"/d/{i}.jpg", image_key=f"{i}.jpg", caption="a man",
+                      pid=i // 2, split="train", source="/d/reid_raw.json", index=i)
+               for i in range(26)]  # 13 identities
+    domain = DomainRecords(name="cuhk-pedes", split="train", records=records)
+    check_batches_fit(load_config(None, ["train.batch_size=12", "train.num_workers=2"]), domain)
+    with pytest.raises(DatasetFormatError, match=r"cuhk-pedes/train: 13 identities, but "
+                       r"train.batch_size=32 .* needs 16 per batch on each of "
+                       r"train.num_workers=2 workers \(32\); set train.batch_size=12"):
+        check_batches_fit(load_config(None, ["train.batch_size=32"]), domain)
