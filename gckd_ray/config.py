@@ -117,6 +117,11 @@ class GCKDConfig:
     pseudo_threshold: float = 0.0
     # Centre each modality's target features before the pseudo-id graph (reduces hubs).
     pseudo_center: bool = True
+    # faiss OpenMP threads of the memory actor's pseudo-id refresh (0 = faiss' default, every
+    # core): 1 keeps the actor off the cores the training workers use.
+    refresh_threads: int = 1
+    # Times Ray restarts a dead memory actor (it reloads its last per-epoch save).
+    memory_max_restarts: int = 3
     # Epochs of source-only training before adaptation losses switch on: a from-scratch
     # teacher has no target structure worth distilling before it has learned the source.
     warmup_epochs: int = 10
@@ -378,7 +383,8 @@ def _check_other_ranges(cfg: Config) -> None:
     for key, kind, _ in describe_keys(cfg):
         if kind == "float" and not math.isfinite(get_key(cfg, key)):
             raise ConfigError(f"{key}: must be a finite number, got {get_key(cfg, key)}")
-    for key in ("run.seed", "data.synth_seed", "gckd.warmup_epochs"):
+    for key in ("run.seed", "data.synth_seed", "gckd.warmup_epochs", "gckd.refresh_threads",
+                "gckd.memory_max_restarts"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get_key(cfg, key)}")
     _positive("train.log_every", cfg.train.log_every)
@@ -572,6 +578,9 @@ KEY_HELP: dict[str, str] = {
     "gckd.pseudo_k": "cross-modal neighbours per node in the pseudo-id graph",
     "gckd.pseudo_threshold": "minimum cosine of a pseudo-id graph edge",
     "gckd.pseudo_center": "centre target features per modality before the pseudo-id graph",
+    "gckd.refresh_threads": "faiss threads of the memory actor's pseudo-id refresh (0: every "
+                            "core)",
+    "gckd.memory_max_restarts": "times Ray restarts a dead memory actor",
     "gckd.warmup_epochs": "source-only epochs before the adaptation losses switch on",
     "gckd.use_pseudo_ids": "ablation: target positives from memory pseudo-ids",
     "gckd.use_memory": "ablation: memory queue as CMKD keys and graph nodes",
