@@ -129,7 +129,7 @@ def random_memory_view(cfg: Config, dim: int, generator: torch.Generator,
 
 def fill_memory(client, cfg: Config, dim: int) -> None:
     """Fill both queues of a memory actor to ``gckd.queue_size``, half source, half target."""
-    from gckd_ray.distributed.memory import SOURCE, TARGET
+    from gckd_ray.model.centring import SOURCE, TARGET
 
     chunk = max(cfg.train.batch_size, min(256, cfg.gckd.queue_size // 2))
     for start in range(0, cfg.gckd.queue_size, chunk):
@@ -144,32 +144,32 @@ def fill_memory(client, cfg: Config, dim: int) -> None:
 
 
 @contextlib.contextmanager
-def filled_memory_actor(cfg: Config, dim: int, name: str) -> Iterator[tuple]:
-    """(MemoryClient, actor): a real memory actor in a local loopback Ray (started here unless
+def filled_memory_actor(cfg: Config, dim: int, name: str) -> Iterator:
+    """The ``MemoryClient`` of a real memory actor in a local loopback Ray (started here unless
     one is running), its queues filled to ``gckd.queue_size``; killed (and Ray shut down, if
     started here) on exit."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback, before import
     import ray
 
-    from gckd_ray.distributed.memory import MemoryClient, create_memory_actor
+    from gckd_ray.distributed.memory import MemoryClient
 
     own_ray = not ray.is_initialized()
     if own_ray:
         ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1",
                  include_dashboard=False, logging_level="WARNING")
-    actor = None
+    client = None
     try:
-        actor = create_memory_actor(
+        client = MemoryClient.create(
             name, dim=dim, queue_size=cfg.gckd.queue_size, num_target_images=4 * NUM_IDS,
             num_target_texts=4 * NUM_IDS, restore_from="", pseudo_k=cfg.gckd.pseudo_k,
             pseudo_threshold=cfg.gckd.pseudo_threshold, pseudo_center=cfg.gckd.pseudo_center,
-            faiss_threads=1, seed=cfg.run.seed)
-        client = MemoryClient(actor)
+            faiss_threads=cfg.gckd.refresh_threads,
+            max_restarts=cfg.gckd.memory_max_restarts, seed=cfg.run.seed)
         fill_memory(client, cfg, dim)
-        yield client, actor
+        yield client
     finally:
-        if actor is not None:
-            ray.kill(actor)
+        if client is not None:
+            client.shutdown()
         if own_ray:
             ray.shutdown()
 

@@ -41,22 +41,20 @@ SMOKE = ("train.batch_size=8", "gckd.queue_size=64", "gckd.memory_nodes=8",
 
 
 def measure(cfg, steps: int) -> dict:
-    import ray
-
     torch.manual_seed(cfg.run.seed)
     tokenizer = benchmark_tokenizer()
     model = build_gckd(cfg, tokenizer, num_classes=NUM_IDS)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                   lr=cfg.train.lr)
     dim = model.encoder.embed_dim
-    with filled_memory_actor(cfg, dim, "gckd-overhead-benchmark") as (client, actor):
-        refresh_s = median_seconds(lambda: ray.get(actor.refresh_pseudo_ids.remote()), 3)
+    with filled_memory_actor(cfg, dim, "gckd-overhead-benchmark") as client:
+        refresh_s = median_seconds(client.refresh, 3)
         generator = torch.Generator().manual_seed(cfg.run.seed)
         compute, push, snapshot, view, node_count = [], [], [], None, 0
         for step in range(steps + 2):                        # 2 warm-up steps, not timed
             start = time.perf_counter()
             if step % cfg.gckd.snapshot_every == 0:
-                view = read_memory(client, actor, False, cfg, 0, torch.device("cpu"))
+                view, _ = read_memory(client, False, cfg, 0, torch.device("cpu"))
                 snapshot.append(time.perf_counter() - start)
             source, target = random_batches(cfg, tokenizer, generator)
             start = time.perf_counter()

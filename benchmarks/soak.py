@@ -44,7 +44,8 @@ import psutil
 
 from gckd_ray.checkpoint_format import CheckpointError, read_state, verify_checkpoint
 from gckd_ray.config import load_config
-from gckd_ray.distributed.memory import MODALITIES, SOURCE, TARGET
+from gckd_ray.model.centring import SOURCE, TARGET
+from gckd_ray.model.memory_bank import MODALITIES
 
 MIB = 1 << 20
 # Process titles Ray gives the actors of a Train run (``ray::<class>[.<method>]``).

@@ -84,8 +84,6 @@ def _trainer(module, cfg, engine: str):
 
 
 def measure(cfg, size: str, steps: int, engine: str) -> dict:
-    import ray
-
     torch.manual_seed(cfg.run.seed)
     tokenizer = benchmark_tokenizer()
     module = build_model(cfg, size, tokenizer)
@@ -93,13 +91,13 @@ def measure(cfg, size: str, steps: int, engine: str) -> dict:
     params = sum(p.numel() for p in module.parameters())
     cpu = torch.device("cpu")
     with (_trainer(module, cfg, engine) as (model, backward, optimizer_step),
-          filled_memory_actor(cfg, dim, "gckd-step-breakdown") as (client, actor)):
-        refresh_s = median_seconds(lambda: ray.get(actor.refresh_pseudo_ids.remote()), 2)
+          filled_memory_actor(cfg, dim, "gckd-step-breakdown") as client):
+        refresh_s = median_seconds(client.refresh, 2)
         generator = torch.Generator().manual_seed(cfg.run.seed)
 
         def one_step() -> tuple[float, float, int]:
             start = time.perf_counter()
-            view = read_memory(client, actor, False, cfg, 0, cpu)
+            view, _ = read_memory(client, False, cfg, 0, cpu)
             snapshot_s = time.perf_counter() - start
             source, target = random_batches(cfg, tokenizer, generator)
             start = time.perf_counter()

@@ -22,13 +22,13 @@ import torch
 from gckd_ray.checkpoint_format import load_checkpoint_config
 from gckd_ray.data.datasets import load_split
 from gckd_ray.data.tokenizer import load_tokenizer
-from gckd_ray.distributed.memory import centred_rows, cross_modal_mutual_edges, normalised_rows
+from gckd_ray.model.pseudo_ids import centred_rows, cross_modal_mutual_edges, normalised_rows
 from gckd_ray.evaluate import encode_split, load_encoder
 
 
 def pair_precision(images: np.ndarray, texts: np.ndarray, image_labels: np.ndarray,
                    text_labels: np.ndarray, k: int, threshold: float) -> dict[str, float]:
-    edges = cross_modal_mutual_edges(images, texts, k, threshold)
+    edges = cross_modal_mutual_edges(images, texts, k, threshold, num_threads=0)  # every core
     img, txt = edges[:, 0], edges[:, 1] - len(images)
     correct = image_labels[img] == text_labels[txt]
     return {"k": k, "threshold": threshold, "pairs": int(len(edges)),

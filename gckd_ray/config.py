@@ -129,6 +129,11 @@ class GCKDConfig:
     # Centre each modality's target features before the pseudo-id graph (reduces hubs).
     pseudo_center: bool = option(True,
                                  "centre target features per modality before the pseudo-id graph")
+    # 1 keeps the actor off the cores the training workers use.
+    refresh_threads: int = option(1, "faiss OpenMP threads of the memory actor's pseudo-id "
+                                     "refresh (0 = faiss' default, every core)")
+    memory_max_restarts: int = option(3, "times Ray restarts a dead memory actor (it reloads "
+                                         "its last per-epoch save)")
     # Epochs of source-only training before adaptation losses switch on: a from-scratch
     # teacher has no target structure worth distilling before it has learned the source.
     warmup_epochs: int = option(10, "source-only epochs before the adaptation losses switch on")
@@ -424,7 +429,8 @@ def _check_other_ranges(cfg: Config) -> None:
     for doc in describe_keys(cfg):
         if doc.type_name == "float" and not math.isfinite(doc.value):
             raise ConfigError(f"{doc.key}: must be a finite number, got {doc.value}")
-    for key in ("run.seed", "data.synth_seed", "gckd.warmup_epochs"):
+    for key in ("run.seed", "data.synth_seed", "gckd.warmup_epochs", "gckd.refresh_threads",
+                "gckd.memory_max_restarts"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get_key(cfg, key)}")
     _positive("train.log_every", cfg.train.log_every)

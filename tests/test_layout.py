@@ -13,9 +13,10 @@ PACKAGE = Path(gckd_ray.__file__).parent
 # Lowest first. A module may import its own layer and the ones below.
 LAYERS = (
     ("gckd_ray.errors", "gckd_ray.config"),
+    ("gckd_ray.checkpoint_format",),  # file formats: the memory bank's state files too
     ("gckd_ray.data.",),
     ("gckd_ray.model.",),
-    ("gckd_ray.checkpoint_format", "gckd_ray.results", "gckd_ray.tune_space",
+    ("gckd_ray.results", "gckd_ray.tune_space",
      "gckd_ray.config_rules", "gckd_ray.evaluate", "gckd_ray.gallery", "gckd_ray.search",
      "gckd_ray.plots"),
     ("gckd_ray.distributed.",),

@@ -1,11 +1,13 @@
 """Worker-side GCKD plumbing: unpaired target feed, memory snapshots and pushes, the GCKD step
 for the epoch loop (``loop.run_epoch``).
 
-The method itself lives in ``model/gckd.py``; this module feeds it. Every step pushes the
-teacher's features (fire-and-forget, bounded in flight) and every ``gckd.snapshot_every`` steps
-pulls the memory's snapshot ObjectRef and turns it into the tensors the step expects. The next
-step's batches (fetch, decode, views) are prepared in a background thread while a step computes
-(``data/prefetch.py``, ``train.prefetch``).
+The method itself lives in ``model/gckd.py``; this module feeds it, talking to the memory actor
+only through ``MemoryClient``. Every step pushes the teacher's features (fire-and-forget,
+bounded in flight) and every ``gckd.snapshot_every`` steps reads the memory's published
+snapshot (refreshing pseudo-ids on schedule, each refresh recorded in metrics.jsonl) and turns
+it into the tensors the step expects. The next step's batches (fetch, decode, views) are
+prepared in a background thread while a step computes (``data/prefetch.py``,
+``train.prefetch``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from gckd_ray.config import Config
 from gckd_ray.data.datasets import PairedSplit, UnpairedStreams, UnpairedTarget
 from gckd_ray.data.transforms import normalize
 from gckd_ray.distributed.loop import StepResult, to_device
-from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryClient
+from gckd_ray.distributed.memory import MemoryClient
+from gckd_ray.distributed.metrics_log import MetricsLog
+from gckd_ray.model.centring import SOURCE, TARGET
 from gckd_ray.model.gckd import MemoryView, target_groups
 from gckd_ray.model.collectives import all_gather_many, broadcast
 from gckd_ray.model.momentum import unwrap
@@ -118,20 +122,21 @@ def push_teacher(client: MemoryClient | None, teacher: dict[str, torch.Tensor],
             client.push(modality, feats, domain, labels, rows)
 
 
-def read_memory(client: MemoryClient, actor, refresh: bool, cfg: Config, rank: int,
-                device: torch.device) -> MemoryView | None:
+def read_memory(client: MemoryClient, refresh: bool, cfg: Config, rank: int,
+                device: torch.device) -> tuple[MemoryView | None, dict[str, float] | None]:
     """Rank 0 refreshes pseudo-ids when ``refresh`` and publishes a snapshot; every rank reads
-    that publication (its number is broadcast), so all ranks see identical memory."""
-    import ray
+    that publication (its number is broadcast), so all ranks see identical memory.
 
-    number = torch.zeros(1, dtype=torch.long)
+    Returns:
+        the step's memory view, and on rank 0 the refresh's statistics (None without a
+        refresh, and on the other ranks).
+    """
+    number, refreshed = torch.zeros(1, dtype=torch.long), None
     if rank == 0:
-        client.flush()
-        if refresh:
-            actor.refresh_pseudo_ids.remote()  # ordered before publish: same caller
-        number[0] = ray.get(actor.publish.remote())
-    return memory_view(client.snapshot(int(broadcast(number, src=0))), cfg.gckd.memory_nodes,
+        number[0], refreshed = client.read(refresh)
+    view = memory_view(client.snapshot(int(broadcast(number, src=0))), cfg.gckd.memory_nodes,
                        device)
+    return view, refreshed
 
 
 def refresh_due(epoch: int, step: int, steps: int, cfg: Config) -> bool:
@@ -151,14 +156,15 @@ def refresh_due(epoch: int, step: int, steps: int, cfg: Config) -> bool:
 
 class GCKDSteps:
     """``gckd``: a source batch and an unpaired target batch per step; the memory is read every
-    ``gckd.snapshot_every`` steps (refreshing pseudo-ids on schedule); after the optimizer step
-    the teacher follows by EMA and its features are pushed to the memory (rank 0 pushes)."""
+    ``gckd.snapshot_every`` steps (refreshing pseudo-ids on schedule; ``log``, rank 0's
+    ``MetricsLog``, records each refresh); after the optimizer step the teacher follows by EMA
+    and its features are pushed to the memory (rank 0 pushes)."""
 
     def __init__(self, split: PairedSplit, sampler, feed: TargetFeed, memory: MemoryClient,
-                 actor, augment, cfg: Config, device: torch.device, rank: int):
+                 augment, cfg: Config, device: torch.device, rank: int,
+                 log: MetricsLog | None):
         self.split, self.sampler, self.feed, self.augment = split, sampler, feed, augment
-        self.memory, self.actor, self.cfg, self.device, self.rank = (memory, actor, cfg,
-                                                                     device, rank)
+        self.memory, self.cfg, self.device, self.rank, self.log = memory, cfg, device, rank, log
         self.pusher = memory if rank == 0 else None
         self.view: MemoryView | None = None
         self.adapt = False
@@ -175,9 +181,11 @@ class GCKDSteps:
     def forward(self, model, batch, epoch: int, step: int, steps: int) -> StepResult:
         idx, src, tgt = batch
         if step % self.cfg.gckd.snapshot_every == 0:
-            self.view = read_memory(self.memory, self.actor,
-                                    refresh_due(epoch, step, steps, self.cfg), self.cfg,
-                                    self.rank, self.device)
+            self.view, refreshed = read_memory(self.memory,
+                                               refresh_due(epoch, step, steps, self.cfg),
+                                               self.cfg, self.rank, self.device)
+            if refreshed is not None and self.log is not None:
+                self.log.refresh(epoch, step, refreshed)
         out = model(src, tgt, self.view, self.adapt)
 
         def after_step(stepped: bool) -> None:

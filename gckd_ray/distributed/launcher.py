@@ -18,7 +18,7 @@ from gckd_ray.data.datasets import (check_batches_fit, labelled_domain, load_rec
 from gckd_ray.data.formats import Record
 from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.vocab_bridge import bridge_words
-from gckd_ray.distributed.memory import create_memory_actor, memory_actor_name
+from gckd_ray.distributed.memory import MemoryClient, memory_actor_name
 from gckd_ray.distributed.runtime import (check_placement, init_ray, process_group_backend,
                                           process_group_listen_host)
 from gckd_ray.model.encoders import embedding_dim
@@ -44,11 +44,11 @@ def prepare_tokenizer(cfg: Config, target_train: list[Record]) -> str:
     return str(out)
 
 
-def start_memory(cfg: Config, run_name: str, records: list[Record]):
-    """The run's memory actor, created by the driver so it outlives any one worker; it
-    restores its queues from ``<output_dir>/memory`` when that holds a saved state.
+def start_memory(cfg: Config, run_name: str, records: list[Record]) -> MemoryClient:
+    """The client of the run's memory actor, created by the driver so it outlives any one
+    worker; it restores its queues from ``<output_dir>/memory`` when that holds a saved state.
     ``records`` are the target training records (only their counts are used)."""
-    return create_memory_actor(
+    return MemoryClient.create(
         memory_actor_name(run_name), dim=embedding_dim(cfg.model),
         queue_size=cfg.gckd.queue_size,
         num_target_images=len({r.image_key for r in records}), num_target_texts=len(records),
@@ -56,7 +56,8 @@ def start_memory(cfg: Config, run_name: str, records: list[Record]):
         pseudo_k=cfg.gckd.pseudo_k, pseudo_threshold=cfg.gckd.pseudo_threshold,
         pseudo_center=cfg.gckd.pseudo_center,
         target_pairs=target_pairs(records) if cfg.data.target.paired else None,
-        faiss_threads=1, seed=cfg.run.seed)
+        faiss_threads=cfg.gckd.refresh_threads, max_restarts=cfg.gckd.memory_max_restarts,
+        seed=cfg.run.seed)
 
 
 def _run_name(cfg: Config, storage: Path) -> str:
@@ -94,9 +95,9 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     storage = output / "ray"
     run_name = _run_name(cfg, storage)
     loop_config = {"cfg": cfg.to_dict(), "tokenizer_dir": str(Path(tokenizer_dir).resolve())}
-    actor = None
+    memory = None
     if cfg.method == "gckd":
-        actor = start_memory(cfg, run_name, target_train)
+        memory = start_memory(cfg, run_name, target_train)
         loop_config["memory_actor"] = memory_actor_name(run_name)
     trainer = Trainer(
         train_loop_per_worker,
@@ -122,10 +123,8 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
             raise cause from None
         raise
     finally:
-        if actor is not None:
-            import ray
-
-            ray.kill(actor)
+        if memory is not None:
+            memory.shutdown()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint under {storage}")
     with result.checkpoint.as_directory() as ckpt_dir:

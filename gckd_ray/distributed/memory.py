@@ -1,25 +1,9 @@
-"""The global momentum memory: per-modality FIFO queues of teacher features, the cross-domain
-graph over the newest target features, and target pseudo-ids; a plain class, wrapped as a named
-Ray actor.
-
-``MemoryBank`` is ordinary single-process code (numpy + faiss) and is tested without Ray.
-``MemoryActor`` adds the Ray side: a snapshot handed out as an ObjectRef, and restore-on-restart.
-``create_memory_actor`` starts it as a named actor with restart options; ``MemoryClient`` is the
-worker-side helper that pushes fire-and-forget (bounded in flight) and pulls snapshots as tensors.
-
-Layout (DESIGN.md §2 items 3 and 6, §4):
-
-- one ring buffer per modality (``"image"``, ``"text"``) of ``queue_size`` entries; each entry is
-  a teacher feature ``(D,)``, a domain flag (SOURCE / TARGET), a label (source person label; -1
-  for target: the bank is never given target ids) and the item's row in its split;
-- per target row the newest feature pushed for it (``num_target_images x D`` and
-  ``num_target_texts x D`` tables with a ``seen`` mask): the nodes of the cross-domain graph;
-- target pseudo-ids: connected components of the mutual-kNN graph over those nodes that hold at
-  least one image and one caption, recomputed by ``refresh_pseudo_ids`` on the caller's schedule.
-
-Features are stored and snapshotted in ``feature_dtype`` (float32 by default; float16 halves the
-memory, the snapshot and the object-store traffic — the consumer then casts). Target tables use
-the same dtype; the graph is always built in float32.
+"""The memory actor and its one client: ``MemoryActor`` is the memory bank
+(``model/memory_bank.py``) as a named Ray actor (a snapshot handed out as an ObjectRef, numbered
+publications, restore-on-restart); ``MemoryClient`` is the only code of the package that talks
+to it (DESIGN.md §4, §10): the driver creates and finally kills the actor through it, and the
+workers push teacher features (fire-and-forget, bounded in flight), read published snapshots as
+tensors, refresh pseudo-ids, and save and restore the memory's state with it.
 """
 
 from __future__ import annotations
@@ -32,422 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from gckd_ray.checkpoint_format import MEMORY_CONFIG_KEYS, MEMORY_FILE, read_state, write_state
-
-MODALITIES = ("image", "text")
-SOURCE, TARGET = 0, 1  # domain flags
-FEATURE_DTYPES = ("float32", "float16")
+from gckd_ray.checkpoint_format import MEMORY_FILE, read_state
+from gckd_ray.model.memory_bank import MemoryBank, check_push
 
 
-def check_push(modality: str, features: np.ndarray, domain: int, labels: np.ndarray,
-               indices: np.ndarray) -> None:
-    """Validate one push without knowing the bank's sizes (the client calls it before sending,
-    so a bad push fails at the call site, not later inside the actor).
-
-    Raises:
-        ValueError: unknown modality or domain, mismatched shapes, a target label other than -1
-            (target ids must never reach the memory) or a negative source label / index.
-    """
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    if domain not in (SOURCE, TARGET):
-        raise ValueError(f"domain must be SOURCE ({SOURCE}) or TARGET ({TARGET}), got {domain!r}")
-    if features.ndim != 2:
-        raise ValueError(f"features must be (B, D), got shape {features.shape}")
-    batch = features.shape[0]
-    if labels.shape != (batch,) or indices.shape != (batch,):
-        raise ValueError(f"labels {labels.shape} and indices {indices.shape} must be ({batch},)")
-    if domain == TARGET and (labels != -1).any():
-        raise ValueError("target labels must all be -1: the memory is never given target ids")
-    if domain == SOURCE and (labels < 0).any():
-        raise ValueError("source labels must be >= 0")
-    if (indices < 0).any():
-        raise ValueError("indices must be >= 0")
-
-
-class MemoryBank:
-    """Per-modality FIFO queues of teacher features + target tables + target pseudo-ids.
-
-    Args:
-        dim: feature dimension D.
-        queue_size: entries per modality queue (both domains share it, in push order).
-        num_target_images / num_target_texts: rows of the target training image / caption
-            splits (the node tables of the cross-domain graph).
-        pseudo_k: neighbours per node in the kNN graph.
-        pseudo_threshold: minimum cosine of a kept (mutual) edge.
-        seed: kept in the state for reproducible randomised refreshes; the mutual-kNN refresh
-            is exact and deterministic and does not draw from it.
-        feature_dtype: ``"float32"`` or ``"float16"``: storage and snapshot dtype of features.
-        faiss_threads: OpenMP threads for the kNN search (0 leaves faiss' default: every core).
-    """
-
-    def __init__(self, dim: int, queue_size: int, num_target_images: int, num_target_texts: int,
-                 pseudo_k: int = 5, pseudo_threshold: float = 0.5, seed: int = 0,
-                 feature_dtype: str = "float32", faiss_threads: int = 0,
-                 pseudo_center: bool = True, target_pairs: np.ndarray | None = None):
-        if dim <= 0 or queue_size <= 0 or num_target_images < 0 or num_target_texts < 0:
-            raise ValueError("dim and queue_size must be > 0, target sizes >= 0")
-        if feature_dtype not in FEATURE_DTYPES:
-            raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, "
-                             f"got {feature_dtype!r}")
-        if pseudo_k < 1:
-            raise ValueError(f"pseudo_k must be >= 1, got {pseudo_k}")
-        self.dim, self.queue_size = dim, queue_size
-        self.num_targets = {"image": num_target_images, "text": num_target_texts}
-        self.pseudo_k, self.pseudo_threshold, self.seed = pseudo_k, float(pseudo_threshold), seed
-        self.feature_dtype, self.faiss_threads = feature_dtype, faiss_threads
-        self.pseudo_center = pseudo_center
-        # Paired-target variant: caption row -> image row of the target training set.
-        self.target_pairs = None if target_pairs is None else self._check_pairs(target_pairs)
-        self.version = 0         # +1 per push
-        self.pseudo_version = 0  # +1 per refresh_pseudo_ids
-        dt = np.dtype(feature_dtype)
-        self._features = {m: np.zeros((queue_size, dim), dt) for m in MODALITIES}
-        self._domain = {m: np.zeros(queue_size, np.int8) for m in MODALITIES}
-        self._labels = {m: np.full(queue_size, -1, np.int64) for m in MODALITIES}
-        self._indices = {m: np.zeros(queue_size, np.int64) for m in MODALITIES}
-        self._ptr = {m: 0 for m in MODALITIES}    # next slot to write
-        self._count = {m: 0 for m in MODALITIES}  # filled slots
-        self._table = {m: np.zeros((n, dim), dt) for m, n in self.num_targets.items()}
-        self._seen = {m: np.zeros(n, bool) for m, n in self.num_targets.items()}
-        self._pseudo = {m: np.full(n, -1, np.int64) for m, n in self.num_targets.items()}
-
-    def _check_pairs(self, pairs: np.ndarray) -> np.ndarray:
-        pairs = np.asarray(pairs, np.int64)
-        n_img, n_txt = self.num_targets["image"], self.num_targets["text"]
-        if pairs.shape != (n_txt,) or (n_txt and not 0 <= pairs.min() <= pairs.max() < n_img):
-            raise ValueError(f"target_pairs must map each of the {n_txt} target captions to an "
-                             f"image row in [0, {n_img}), got shape {pairs.shape}")
-        return pairs
-
-    # ------------------------------------------------------------------ queues
-    def push(self, modality: str, features: np.ndarray, domain: int, labels: np.ndarray,
-             indices: np.ndarray) -> None:
-        """Enqueue teacher features; overwrite the oldest entries once the queue is full.
-
-        Args:
-            modality: ``"image"`` or ``"text"``.
-            features: (B, D) teacher features, L2-normalised.
-            domain: SOURCE or TARGET.
-            labels: (B,) int64 source person labels; all -1 for TARGET.
-            indices: (B,) int64 row of each item in its split (image row / caption row).
-        """
-        features = np.asarray(features)
-        labels = np.asarray(labels, np.int64).reshape(-1)
-        indices = np.asarray(indices, np.int64).reshape(-1)
-        domain = int(domain)
-        check_push(modality, features, domain, labels, indices)
-        if features.shape[1] != self.dim:
-            raise ValueError(f"features have dim {features.shape[1]}, the memory {self.dim}")
-        if domain == TARGET:
-            n = self.num_targets[modality]
-            if (indices >= n).any():
-                raise ValueError(f"target {modality} index {int(indices.max())} out of range "
-                                 f"(num_target_{modality}s = {n})")
-            self._update_table(modality, features, indices)
-        self._enqueue(modality, features, domain, labels, indices)
-        self.version += 1
-
-    def _update_table(self, modality: str, features: np.ndarray, indices: np.ndarray) -> None:
-        # Newest feature per row: within the batch the last occurrence of a row wins.
-        last = len(indices) - 1 - np.unique(indices[::-1], return_index=True)[1]
-        rows = indices[last]
-        self._table[modality][rows] = features[last]
-        self._seen[modality][rows] = True
-
-    def _enqueue(self, m: str, features: np.ndarray, domain: int, labels: np.ndarray,
-                 indices: np.ndarray) -> None:
-        q, batch = self.queue_size, len(indices)
-        if batch >= q:  # only the newest q survive; they fill the buffer oldest first
-            features, labels, indices = features[-q:], labels[-q:], indices[-q:]
-            batch, self._ptr[m] = q, 0
-        start = self._ptr[m]
-        first = min(batch, q - start)  # rows before the wrap
-        for dst, src in ((slice(start, start + first), slice(0, first)),
-                         (slice(0, batch - first), slice(first, batch))):
-            self._features[m][dst] = features[src]
-            self._domain[m][dst] = domain
-            self._labels[m][dst] = labels[src]
-            self._indices[m][dst] = indices[src]
-        self._ptr[m] = (start + batch) % q
-        self._count[m] = min(self._count[m] + batch, q)
-
-    def _ordered(self, m: str, array: np.ndarray) -> np.ndarray:
-        """Copy of the filled slots of ``array``, oldest first."""
-        count, ptr = self._count[m], self._ptr[m]
-        start = (ptr - count) % self.queue_size
-        if start + count <= self.queue_size:
-            return array[start:start + count].copy()
-        return np.concatenate([array[start:], array[:ptr]])
-
-    # ------------------------------------------------------------------ graph and pseudo-ids
-    def target_table(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the newest feature per target row ``(N, D)`` and the ``seen`` mask ``(N,)``."""
-        return self._table[modality].copy(), self._seen[modality].copy()
-
-    def refresh_pseudo_ids(self) -> dict[str, float]:
-        """Recompute target pseudo-ids from the cross-domain graph (never from labels).
-
-        Nodes: the newest feature of every seen target image and caption, centred per modality
-        when ``pseudo_center`` (the shared component makes every cosine high and turns a few
-        nodes into hubs; measured on a source-only teacher: mutual-NN pair precision 3.0% raw,
-        5.2% centred). Edges: image-caption pairs that are among each other's ``pseudo_k``
-        nearest of the other modality (cosine, faiss ``IndexFlatIP``), cosine
-        ``>= pseudo_threshold``. A connected component holding at
-        least one image and one caption gets a pseudo-id (numbered by its first node: images by
-        row, then captions by row); every other row gets -1. Deterministic.
-
-        Returns:
-            ``num_clusters``, ``image_coverage`` / ``text_coverage`` (fraction of all target
-            rows with a pseudo-id), ``mean_cluster_size`` (nodes per pseudo-id),
-            ``num_nodes``, ``num_edges``.
-        """
-        if self.target_pairs is not None:
-            return self._pair_ids()
-        rows = {m: np.flatnonzero(self._seen[m]) for m in MODALITIES}
-        prepare = centred_rows if self.pseudo_center else normalised_rows
-        images, texts = (prepare(self._table[m][rows[m]]) for m in MODALITIES)
-        num_images, num_nodes = len(images), len(images) + len(texts)
-        edges = cross_modal_mutual_edges(images, texts, self.pseudo_k, self.pseudo_threshold,
-                                         self.faiss_threads)
-        root = connected_components(num_nodes, edges)
-        has_image = np.zeros(num_nodes, bool)
-        has_image[root[:num_images]] = True
-        has_text = np.zeros(num_nodes, bool)
-        has_text[root[num_images:]] = True
-        cross_modal = np.flatnonzero(has_image & has_text)  # roots, ascending = first node
-        id_of_root = np.full(num_nodes, -1, np.int64)
-        id_of_root[cross_modal] = np.arange(len(cross_modal))
-        node_ids = id_of_root[root]
-        for m, ids in (("image", node_ids[:num_images]), ("text", node_ids[num_images:])):
-            self._pseudo[m].fill(-1)
-            self._pseudo[m][rows[m]] = ids
-        self.pseudo_version += 1
-        clusters = len(cross_modal)
-
-        def coverage(m: str) -> float:
-            n = self.num_targets[m]
-            return float((self._pseudo[m] >= 0).sum() / n) if n else 0.0
-
-        return {"num_clusters": float(clusters), "image_coverage": coverage("image"),
-                "text_coverage": coverage("text"),
-                "mean_cluster_size": float((node_ids >= 0).sum() / clusters) if clusters else 0.0,
-                "num_nodes": float(num_nodes), "num_edges": float(len(edges))}
-
-    def pseudo_ids(self) -> tuple[np.ndarray, np.ndarray]:
-        """Copies of the target image ``(num_target_images,)`` and caption
-        ``(num_target_texts,)`` pseudo-ids, int64, -1 = none."""
-        return self._pseudo["image"].copy(), self._pseudo["text"].copy()
-
-    # ------------------------------------------------------------------ snapshot
-    def snapshot(self) -> dict[str, np.ndarray]:
-        """A consistent copy of the queues, oldest entry first (C-contiguous numpy).
-
-        Returns, for each modality m: ``{m}_features`` (n, D) in ``feature_dtype``,
-        ``{m}_domain`` (n,) int8, ``{m}_labels`` (n,) int64 — source label, or for a target
-        entry its row's *current* pseudo-id (-1 if none) —, ``{m}_indices`` (n,) int64; plus
-        ``target_image_pseudo_ids``, ``target_text_pseudo_ids``, and 0-d int64 ``version``
-        (pushes so far) and ``pseudo_version`` (refreshes so far).
-        """
-        out: dict[str, np.ndarray] = {}
-        for m in MODALITIES:
-            domain = self._ordered(m, self._domain[m])
-            labels = self._ordered(m, self._labels[m])
-            indices = self._ordered(m, self._indices[m])
-            target = domain == TARGET
-            labels[target] = self._pseudo[m][indices[target]]
-            out.update({f"{m}_features": self._ordered(m, self._features[m]),
-                        f"{m}_domain": domain, f"{m}_labels": labels, f"{m}_indices": indices})
-        out["target_image_pseudo_ids"] = self._pseudo["image"].copy()
-        out["target_text_pseudo_ids"] = self._pseudo["text"].copy()
-        out["version"] = np.array(self.version, np.int64)
-        out["pseudo_version"] = np.array(self.pseudo_version, np.int64)
-        return out
-
-    def stats(self) -> dict[str, Any]:
-        """Fill levels per modality and domain, seen target rows, versions (flat, for logging)."""
-        out: dict[str, Any] = {"version": self.version, "pseudo_version": self.pseudo_version,
-                               "queue_size": self.queue_size}
-        for m in MODALITIES:
-            domain = self._domain[m][self._filled_slots(m)]
-            out[f"{m}_filled"] = self._count[m]
-            out[f"{m}_source"] = int((domain == SOURCE).sum())
-            out[f"{m}_target"] = int((domain == TARGET).sum())
-            out[f"target_{m}_seen"] = int(self._seen[m].sum())
-        return out
-
-    def _filled_slots(self, m: str) -> np.ndarray:
-        return (self._ptr[m] - self._count[m] + np.arange(self._count[m])) % self.queue_size
-
-    # ------------------------------------------------------------------ state
-    def _pair_ids(self) -> dict[str, float]:
-        """Paired variant: each target image is its own group, each caption joins its image's
-        (the pairs are known; person ids still are not)."""
-        self._pseudo["image"] = np.arange(self.num_targets["image"], dtype=np.int64)
-        self._pseudo["text"] = self.target_pairs.copy()
-        self.pseudo_version += 1
-        n_img, n_txt = self.num_targets["image"], self.num_targets["text"]
-        return {"num_clusters": float(n_img), "image_coverage": 1.0, "text_coverage": 1.0,
-                "mean_cluster_size": (n_img + n_txt) / n_img if n_img else 0.0,
-                "num_nodes": float(n_img + n_txt), "num_edges": float(n_txt)}
-
-    @staticmethod
-    def _state_keys() -> list[str]:
-        per_modality = ("{m}_features", "{m}_domain", "{m}_labels", "{m}_indices", "{m}_ptr",
-                        "{m}_count", "target_{m}_features", "target_{m}_seen",
-                        "target_{m}_pseudo_ids")
-        return [*MEMORY_CONFIG_KEYS, "pseudo_k", "seed", "version", "pseudo_version",
-                "pseudo_threshold", "feature_dtype", "target_pairs",
-                *(k.format(m=m) for m in MODALITIES for k in per_modality)]
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Every array of the bank, plain numpy (no objects: loadable with allow_pickle=False)."""
-        state = {"dim": self.dim, "queue_size": self.queue_size,
-                 "num_target_images": self.num_targets["image"],
-                 "num_target_texts": self.num_targets["text"], "pseudo_k": self.pseudo_k,
-                 "seed": self.seed, "version": self.version, "pseudo_version": self.pseudo_version}
-        state = {k: np.array(v, np.int64) for k, v in state.items()}
-        state["pseudo_threshold"] = np.array(self.pseudo_threshold, np.float64)
-        state["feature_dtype"] = np.array(self.feature_dtype)
-        # -1: unpaired (a zero-length array would be ambiguous with "no target captions").
-        state["target_pairs"] = (np.array(-1, np.int64) if self.target_pairs is None
-                                 else self.target_pairs)
-        for m in MODALITIES:
-            state.update({f"{m}_features": self._features[m], f"{m}_domain": self._domain[m],
-                          f"{m}_labels": self._labels[m], f"{m}_indices": self._indices[m],
-                          f"{m}_ptr": np.array(self._ptr[m], np.int64),
-                          f"{m}_count": np.array(self._count[m], np.int64),
-                          f"target_{m}_features": self._table[m],
-                          f"target_{m}_seen": self._seen[m],
-                          f"target_{m}_pseudo_ids": self._pseudo[m]})
-        return {k: v.copy() for k, v in state.items()}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Replace the bank's contents; sizes (dim, queue size, target sizes) must match."""
-        missing = sorted(set(self._state_keys()) - set(state))
-        if missing:
-            raise ValueError(f"memory state lacks {missing}")
-        sizes = {"dim": self.dim, "queue_size": self.queue_size,
-                 "num_target_images": self.num_targets["image"],
-                 "num_target_texts": self.num_targets["text"]}
-        wrong = {k: (int(state[k]), v) for k, v in sizes.items() if int(state[k]) != v}
-        if wrong:
-            raise ValueError("memory state does not fit this bank (saved, expected): "
-                             + ", ".join(f"{k} {a} != {b}" for k, (a, b) in wrong.items()))
-        self.pseudo_k, self.seed = int(state["pseudo_k"]), int(state["seed"])
-        self.pseudo_threshold = float(state["pseudo_threshold"])
-        self.version, self.pseudo_version = int(state["version"]), int(state["pseudo_version"])
-        self.feature_dtype = str(state["feature_dtype"])
-        pairs = np.asarray(state["target_pairs"])
-        self.target_pairs = None if pairs.ndim == 0 else self._check_pairs(pairs)
-        dt = np.dtype(self.feature_dtype)
-        for m in MODALITIES:
-            self._features[m] = np.array(state[f"{m}_features"], dt)
-            self._domain[m] = np.array(state[f"{m}_domain"], np.int8)
-            self._labels[m] = np.array(state[f"{m}_labels"], np.int64)
-            self._indices[m] = np.array(state[f"{m}_indices"], np.int64)
-            self._ptr[m], self._count[m] = int(state[f"{m}_ptr"]), int(state[f"{m}_count"])
-            self._table[m] = np.array(state[f"target_{m}_features"], dt)
-            self._seen[m] = np.array(state[f"target_{m}_seen"], bool)
-            self._pseudo[m] = np.array(state[f"target_{m}_pseudo_ids"], np.int64)
-
-    def save(self, directory: str | Path) -> Path:
-        """Write ``directory/memory.npz`` atomically (see ``write_state``); return its path."""
-        return write_state(directory, self.state_dict())
-
-    @classmethod
-    def load(cls, directory: str | Path, faiss_threads: int = 0) -> "MemoryBank":
-        """A bank rebuilt from ``directory/memory.npz``."""
-        state = read_state(directory)
-        bank = cls(int(state["dim"]), int(state["queue_size"]), int(state["num_target_images"]),
-                   int(state["num_target_texts"]), feature_dtype=str(state["feature_dtype"]),
-                   faiss_threads=faiss_threads)
-        bank.load_state_dict(state)
-        return bank
-
-
-def normalised_rows(features: np.ndarray) -> np.ndarray:
-    x = features.astype(np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
-def centred_rows(features: np.ndarray) -> np.ndarray:
-    """Subtract the mean and re-normalise rows (float32)."""
-    x = features.astype(np.float32)
-    return normalised_rows(x - x.mean(0, keepdims=True) if len(x) else x)
-
-
-def _knn(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
-
-    index = faiss.IndexFlatIP(keys.shape[1])
-    index.add(np.ascontiguousarray(keys, np.float32))
-    return index.search(np.ascontiguousarray(queries, np.float32), min(k, len(keys)))
-
-
-def cross_modal_mutual_edges(images: np.ndarray, texts: np.ndarray, k: int, threshold: float,
-                             num_threads: int = 0) -> np.ndarray:
-    """Image-caption edges where each is among the other's k nearest of the other modality.
-
-    Cross-modal on purpose: within a modality every neighbour beats any cross-modal one (the
-    modality gap), so a kNN graph over the union of both never links an image to a caption.
-
-    Args:
-        images: (Ni, D), texts: (Nt, D) features, L2-normalised.
-        k: neighbours of the other modality per node.
-        threshold: minimum cosine of a kept edge.
-        num_threads: faiss OpenMP threads (0 = faiss' default).
-
-    Returns:
-        (E, 2) int64 ``[image row, Ni + text row]``, sorted.
-    """
-    import faiss
-
-    if len(images) == 0 or len(texts) == 0:
-        return np.zeros((0, 2), np.int64)
-    if num_threads > 0:
-        faiss.omp_set_num_threads(num_threads)
-    sim_it, nn_it = _knn(images, texts, k)   # (Ni, k) texts of each image
-    _, nn_ti = _knn(texts, images, k)         # (Nt, k) images of each text
-    img = np.repeat(np.arange(len(images), dtype=np.int64), nn_it.shape[1])
-    txt, sims = nn_it.ravel().astype(np.int64), sim_it.ravel()
-    back = (nn_ti[txt] == img[:, None]).any(axis=1)
-    keep = back & (txt >= 0) & (sims >= threshold)
-    return np.stack([img[keep], len(images) + txt[keep]], axis=1)
-
-
-def connected_components(num_nodes: int, edges: np.ndarray) -> np.ndarray:
-    """Component label per node = the smallest node index in its component.
-
-    Union-find by hooking roots onto the smaller root and pointer jumping, vectorised in numpy
-    (no scipy). Args: ``edges`` (E, 2) int. Returns: (num_nodes,) int64.
-    """
-    parent = np.arange(num_nodes, dtype=np.int64)
-    if len(edges) == 0:
-        return parent
-    i, j = edges[:, 0], edges[:, 1]
-    while True:
-        # Invariant: every parent is a root, so parent[i] and parent[j] are the roots of i, j.
-        ri, rj = parent[i], parent[j]
-        differ = ri != rj
-        if not differ.any():
-            return parent
-        lo, hi = np.minimum(ri, rj)[differ], np.maximum(ri, rj)[differ]
-        np.minimum.at(parent, hi, lo)  # hook a root onto a smaller root: no cycles
-        while True:
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                break
-            parent = grand
-
-
-# ====================================================================== Ray side
 def memory_actor_name(run_name: str) -> str:
     return f"gckd-memory-{run_name}"
 
 
 class MemoryActor(MemoryBank):
-    """The bank as a Ray actor (``create_memory_actor`` applies ``ray.remote`` and the restart
+    """The bank as a Ray actor (``MemoryClient.create`` applies ``ray.remote`` and the restart
     options). When Ray restarts the actor process its ``__init__`` runs again with the same
     arguments: with ``restore_from`` set it reloads the last ``autosave``, so a killed actor
     comes back with its queues, tables and pseudo-ids (pushes after that save are lost)."""
@@ -508,42 +86,6 @@ class MemoryActor(MemoryBank):
         return str(self.save(self.restore_from))
 
 
-def create_memory_actor(name: str, *, dim: int, queue_size: int, num_target_images: int,
-                        num_target_texts: int, restore_from: str, pseudo_k: int = 5,
-                        pseudo_threshold: float = 0.5, max_restarts: int = 3,
-                        namespace: str | None = None, feature_dtype: str = "float32",
-                        faiss_threads: int = 0, seed: int = 0, pseudo_center: bool = True,
-                        target_pairs: np.ndarray | None = None):
-    """Start (or join, ``get_if_exists``) the named memory actor and wait until it answers.
-
-    Create it from the driver: a non-detached actor shares the fate of the process that created
-    it, so one created by a Train worker dies with that worker. An existing actor of that name
-    is returned as is, whatever the other arguments say. ``num_cpus=0``: it holds no CPU slot.
-
-    Returns:
-        the ``ray.actor.ActorHandle``.
-    """
-    import ray
-
-    actor = ray.remote(MemoryActor).options(
-        name=name, namespace=namespace, get_if_exists=True, max_restarts=max_restarts,
-        max_task_retries=-1, num_cpus=0,
-    ).remote(dim, queue_size, num_target_images, num_target_texts, pseudo_k=pseudo_k,
-             pseudo_threshold=pseudo_threshold, seed=seed, feature_dtype=feature_dtype,
-             faiss_threads=faiss_threads, pseudo_center=pseudo_center,
-             target_pairs=target_pairs,
-             restore_from=restore_from)
-    ray.get(actor.ready.remote())  # surfaces a failed restore here, not at the first push
-    return actor
-
-
-def get_memory_actor(name: str, namespace: str | None = None):
-    """The handle of a running memory actor (workers look it up by name)."""
-    import ray
-
-    return ray.get_actor(name, namespace=namespace)
-
-
 def _as_numpy(x: Any, dtype: np.dtype) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu")
@@ -553,11 +95,14 @@ def _as_numpy(x: Any, dtype: np.dtype) -> np.ndarray:
 
 
 class MemoryClient:
-    """Worker-side helper: fire-and-forget pushes with a bound on pending calls, and snapshots
-    as torch tensors.
+    """Everything the driver and the workers do with the memory actor, as plain methods.
+
+    Pushes are fire-and-forget with a bound on pending calls; snapshots come back as torch
+    tensors. Calls from one client reach the actor in call order (one caller's actor tasks run
+    in submission order), which is what orders a refresh before the publish that follows it.
 
     Args:
-        actor: the memory actor handle.
+        actor: the memory actor handle (``create`` or ``connect`` make one).
         max_in_flight: pending pushes allowed before ``push`` waits for the oldest one.
     """
 
@@ -566,6 +111,43 @@ class MemoryClient:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self.actor, self.max_in_flight = actor, max_in_flight
         self._pending: deque = deque()
+
+    @classmethod
+    def create(cls, name: str, *, dim: int, queue_size: int, num_target_images: int,
+               num_target_texts: int, restore_from: str, pseudo_k: int,
+               pseudo_threshold: float, pseudo_center: bool, faiss_threads: int, seed: int,
+               max_restarts: int, feature_dtype: str = "float32",
+               target_pairs: np.ndarray | None = None,
+               namespace: str | None = None) -> "MemoryClient":
+        """Start (or join, ``get_if_exists``) the named memory actor, wait until it answers and
+        return its client. The bank's arguments are ``MemoryBank``'s; ``restore_from``: the
+        folder a restarted actor reloads its last ``autosave`` from ("" for none);
+        ``max_restarts``: Ray restarts of a dead actor process.
+
+        Create it from the driver: a non-detached actor shares the fate of the process that
+        created it, so one created by a Train worker dies with that worker. An existing actor
+        of that name is returned as is, whatever the other arguments say. ``num_cpus=0``: it
+        holds no CPU slot.
+        """
+        import ray
+
+        actor = ray.remote(MemoryActor).options(
+            name=name, namespace=namespace, get_if_exists=True, max_restarts=max_restarts,
+            max_task_retries=-1, num_cpus=0,
+        ).remote(dim, queue_size, num_target_images, num_target_texts, pseudo_k=pseudo_k,
+                 pseudo_threshold=pseudo_threshold, seed=seed, feature_dtype=feature_dtype,
+                 faiss_threads=faiss_threads, pseudo_center=pseudo_center,
+                 target_pairs=target_pairs,
+                 restore_from=restore_from)
+        ray.get(actor.ready.remote())  # surfaces a failed restore here, not at the first push
+        return cls(actor)
+
+    @classmethod
+    def connect(cls, name: str, namespace: str | None = None) -> "MemoryClient":
+        """The client of a running memory actor (workers look it up by name)."""
+        import ray
+
+        return cls(ray.get_actor(name, namespace=namespace))
 
     @property
     def in_flight(self) -> int:
@@ -592,9 +174,32 @@ class MemoryClient:
         while self._pending:
             ray.get(self._pending.popleft())
 
+    def refresh(self) -> dict[str, float]:
+        """Recompute the target pseudo-ids now and wait; returns the refresh's statistics
+        (``MemoryBank.refresh_pseudo_ids``)."""
+        import ray
+
+        return ray.get(self.actor.refresh_pseudo_ids.remote())
+
+    def read(self, refresh: bool) -> tuple[int, dict[str, float] | None]:
+        """Flush the pending pushes, refresh the pseudo-ids when ``refresh``, and publish a
+        snapshot (``MemoryActor.publish``): one caller (rank 0) does this and tells the other
+        ranks the publication number, so every rank reads the same memory.
+
+        Returns:
+            the publication number (for ``snapshot``) and the refresh's statistics (None
+            without a refresh).
+        """
+        import ray
+
+        self.flush()
+        refreshed = self.actor.refresh_pseudo_ids.remote() if refresh else None
+        number = ray.get(self.actor.publish.remote())  # after the refresh: same caller
+        return number, (ray.get(refreshed) if refreshed is not None else None)
+
     def snapshot(self, publication: int | None = None) -> dict[str, torch.Tensor]:
-        """The actor's latest snapshot, or publication ``publication`` (``MemoryActor.publish``),
-        as tensors (keys as ``MemoryBank.snapshot``).
+        """The actor's latest snapshot, or publication ``publication`` (``read``), as tensors
+        (keys as ``MemoryBank.snapshot``).
 
         Zero-copy: the tensors view read-only shared memory; do not modify them in place
         (``clone()`` first). Pushes still in flight may not be in the latest snapshot
@@ -609,3 +214,28 @@ class MemoryClient:
         with warnings.catch_warnings():  # read-only arrays: torch warns about writability
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """The memory's whole state (``MemoryBank.state_dict``), for a checkpoint."""
+        import ray
+
+        return ray.get(self.actor.state_dict.remote())
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Replace the memory's contents with ``state`` (from a checkpoint) and wait."""
+        import ray
+
+        ray.get(self.actor.load_state_dict.remote(state))
+
+    def autosave(self) -> str:
+        """Save the state where a restarted actor looks (``restore_from``) and wait; returns
+        the file path."""
+        import ray
+
+        return ray.get(self.actor.autosave.remote())
+
+    def shutdown(self) -> None:
+        """Kill the actor (no restart)."""
+        import ray
+
+        ray.kill(self.actor)

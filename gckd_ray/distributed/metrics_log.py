@@ -7,9 +7,13 @@ next to the printed progress line)::
      "losses": {<name>: running mean over the epoch so far}, "stats": {<step statistic>: mean},
      "lr": <learning rate>, "steps_per_s": ..., "samples_per_s": <source pairs, all workers>}
 
-and after each epoch's target evaluation ``{"kind": "eval", "step", "epoch", "metrics":
-{"R1", "R5", "R10", "mAP", "mINP", ...}}``, after which ``curves.png`` is redrawn. Steps count
-the epoch loop's batches (micro-batches under gradient accumulation) from the start of the run.
+after each epoch's target evaluation ``{"kind": "eval", "step", "epoch", "metrics":
+{"R1", "R5", "R10", "mAP", "mINP", ...}}``, after which ``curves.png`` is redrawn (from the
+train and eval records), and with ``method=gckd`` after each target pseudo-id refresh of the
+memory ``{"kind": "refresh", "step": <steps done before it>, "epoch", "num_clusters",
+"image_coverage", "text_coverage", "mean_cluster_size", "num_nodes", "num_edges", "seconds"}``
+(``MemoryBank.refresh_pseudo_ids``). Steps count the epoch loop's batches (micro-batches under
+gradient accumulation) from the start of the run.
 
 Resume (``run.resume`` or Ray Train's restart after a failure) starts from a checkpoint after
 some epoch: the records of later epochs, written before the interruption, are dropped so that
@@ -80,6 +84,12 @@ class MetricsLog:
                       "stats": {k: v for k, v in means.items() if k not in names},
                       "lr": lr, "steps_per_s": rate, "samples_per_s": rate * self.samples_per_step,
                       "time": time.time()})
+
+    def refresh(self, epoch: int, step: int, stats: dict[str, float]) -> None:
+        """Append what a pseudo-id refresh did, read before step ``step`` of ``epoch`` (both
+        0-based, as ``progress``); ``stats`` as ``MemoryBank.refresh_pseudo_ids`` returns."""
+        self._append({"kind": "refresh", "step": epoch * self.steps_per_epoch + step,
+                      "epoch": epoch + 1, **stats, "time": time.time()})
 
     def evaluation(self, epoch: int, metrics: dict[str, float]) -> None:
         """Append the target metrics after ``epoch`` (1-based) epochs; redraw curves.png."""

@@ -30,7 +30,7 @@ from gckd_ray.distributed.checkpointing import (load_training_state, save_checkp
                                                usable_checkpoint)
 from gckd_ray.distributed.deepspeed_config import build_engine
 from gckd_ray.distributed.failures import quiet_input_error_tracebacks
-from gckd_ray.distributed.memory import MemoryClient, get_memory_actor
+from gckd_ray.distributed.memory import MemoryClient
 from gckd_ray.distributed.loop import SourceSteps, run_epoch
 from gckd_ray.distributed.metrics_log import MetricsLog
 from gckd_ray.evaluate import (encode_split, mutual_nn_agreement, rerank_split,
@@ -75,7 +75,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                     _lr_lambda(cfg, sampler.steps_per_epoch),
                                     on_gpu=cfg.train.use_gpu)
     augment = TrainAugment(seed=cfg.run.seed * 7919 + rank)
-    actor = get_memory_actor(loop_config["memory_actor"]) if gckd else None
+    memory = MemoryClient.connect(loop_config["memory_actor"]) if gckd else None
     state: dict[str, Any] = {"epoch": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -87,7 +87,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if gckd:  # older checkpoints have no "ema": its masters are rebuilt from the teacher
             unwrap(model).ema_state.load_state_dict(extras.get("ema", {}))
         if memory_state is not None:  # the memory as it was at this checkpoint
-            ray.get(actor.load_state_dict.remote(memory_state))
+            memory.load_state(memory_state)
         if rank == 0:
             print(f"resumed from checkpoint after epoch {state['epoch']}", flush=True)
     log = (MetricsLog(cfg.run.output_dir, state["epoch"], sampler.steps_per_epoch,
@@ -95,8 +95,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if gckd:
         feed = TargetFeed(load_unpaired(cfg, tokenizer, verbose=rank == 0), cfg, rank, world)
-        method = GCKDSteps(train_split, sampler, feed, MemoryClient(actor), actor, augment, cfg,
-                           device, rank)
+        method = GCKDSteps(train_split, sampler, feed, memory, augment, cfg, device, rank, log)
     else:
         method = SourceSteps(train_split, sampler, augment, device)
 
@@ -109,12 +108,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if log is not None:
             log.evaluation(epoch + 1, metrics)
         if gckd and rank == 0:
-            ray.get(actor.autosave.remote())  # the memory restarts from here if its actor dies
+            memory.autosave()  # the memory restarts from here if its actor dies
         extras = {"torch_rng": torch.get_rng_state(),
                   "augment_rng": augment.state_dict()["generator"]}
         if gckd:  # the teacher's fp32 EMA masters: per rank (shard-shaped under ZeRO-3)
             extras["ema"] = unwrap(model).ema_state.state_dict()
-        memory_state = ray.get(actor.state_dict.remote()) if gckd and rank == 0 else None
+        memory_state = memory.state() if gckd and rank == 0 else None
         _report(cfg, model, scheduler, state, tokenizer_dir, rank, extras, memory_state)
         if rank == 0:
             print(f"[epoch {epoch + 1}/{cfg.train.epochs}] target {test_split.name}: "

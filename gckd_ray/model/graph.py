@@ -2,8 +2,8 @@
 
 The nodes of one step are the batch's student image and text features of both domains plus C
 memory features per modality and domain: one unified source+target, image+text graph. Its
-edges are the k most cosine-similar other nodes of every node (:func:`knn_edges`: faiss on CPU,
-a float64 matmul + stable sort on a CUDA device or where faiss is not installed; the pinned
+edges are the k most cosine-similar other nodes of every node (:func:`knn_edges`: faiss on CPU
+through ``model/knn.py``, the search the memory's pseudo-id graph uses too, a float64 matmul + stable sort on a CUDA device or where faiss is not installed; the pinned
 torch-geometric has no pyg-lib / torch-cluster, so no ``knn_graph``). Over the same graph
 
 * :class:`PropagationNet` (trained, attention-weighted message passing) propagates the
@@ -20,9 +20,7 @@ snapshot it was handed, and the loss is a mean over that rank's batch nodes.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -31,6 +29,7 @@ from torch import nn
 from torch_geometric.nn import MessagePassing
 from torch_geometric.utils import softmax as segment_softmax
 
+from gckd_ray.model.knn import faiss_knn, faiss_module
 from gckd_ray.model.precision import at_least_float32, in_compute_dtype
 
 # A faiss score can be off from the exact cosine by float32 rounding (~sqrt(D) * 6e-8 for unit
@@ -41,35 +40,6 @@ _FAISS_SCORE_MARGIN = 1e-5
 _RESCORE_ELEMENTS = 1 << 22
 # Similarity entries per chunk of the dense (matmul) kNN path: bounds its (rows, N) float64 block.
 _DENSE_ELEMENTS = 1 << 25
-
-
-def _faiss():
-    """The faiss module, or None where it is not installed (e.g. a bare GPU image)."""
-    try:
-        import faiss
-    except ImportError:
-        return None
-    return faiss
-
-
-@contextlib.contextmanager
-def _faiss_threads(num_threads: int) -> Iterator[None]:
-    """Run faiss with ``num_threads`` OpenMP threads, then restore the previous setting.
-
-    faiss and torch share one OpenMP runtime in this stack (``faiss.omp_set_num_threads(1)``
-    also makes ``torch.get_num_threads()`` return 1), and each would otherwise spread over all
-    cores next to the other's threads (and next to the data loader and Ray's workers), which
-    oversubscribes small machines. So the count is set for the search only and both settings
-    are put back afterwards.
-    """
-    faiss = _faiss()
-    faiss_before, torch_before = faiss.omp_get_max_threads(), torch.get_num_threads()
-    faiss.omp_set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        faiss.omp_set_num_threads(faiss_before)
-        torch.set_num_threads(torch_before)
 
 
 def _exact_scores(x64: np.ndarray, rows: np.ndarray, cand: np.ndarray) -> np.ndarray:
@@ -104,7 +74,7 @@ def knn_edges(features: torch.Tensor, k: int, *, num_threads: int = 1) -> torch.
         features: (N, D) embeddings (L2-normalised; normalised again here), any device.
         k: neighbours per node, 1 <= k < N.
         num_threads: OpenMP threads for the faiss search (restored afterwards; see
-            :func:`_faiss_threads`).
+            :func:`gckd_ray.model.knn.faiss_threads`).
     Returns:
         edge_index (2, N*k) int64 on ``features.device``: row 0 the neighbour j (message
         source), row 1 the node i (target); node i's k edges are columns i*k .. i*k+k-1 in
@@ -115,8 +85,7 @@ def knn_edges(features: torch.Tensor, k: int, *, num_threads: int = 1) -> torch.
     n = features.shape[0]
     if k < 1 or k >= n:
         raise ValueError(f"k must satisfy 1 <= k < N (self excluded), got k={k}, N={n}")
-    faiss = _faiss()
-    if features.is_cuda or faiss is None:
+    if features.is_cuda or faiss_module() is None:
         return dense_knn_edges(features, k)
     x32 = np.ascontiguousarray(
         F.normalize(features.detach().float(), dim=-1).cpu().numpy(), dtype=np.float32)
@@ -127,22 +96,20 @@ def knn_edges(features: torch.Tensor, k: int, *, num_threads: int = 1) -> torch.
     neighbours = np.empty((n, k), dtype=np.int64)
     pending = np.arange(n)
     num_candidates = min(n, 2 * k + 2)  # k + self + slack
-    with _faiss_threads(num_threads):
-        index = faiss.IndexFlatIP(x32.shape[1])
-        index.add(x32)
-        while len(pending):
-            approx, cand = index.search(x32[pending], num_candidates)  # (R, K) each, desc
-            exact = _exact_scores(x64, pending, cand)
-            exact[cand == pending[:, None]] = -np.inf  # self is never its own neighbour
-            # sort by (score desc, index asc): lexsort's last key is the primary one
-            order = np.lexsort((cand, -exact), axis=-1)[:, :k]
-            chosen = np.take_along_axis(cand, order, axis=-1)  # (R, k)
-            kth_score = np.take_along_axis(exact, order[:, -1:], axis=-1)[:, 0]  # (R,)
-            settled = ((num_candidates == n)
-                       | (approx[:, -1].astype(np.float64) < kth_score - _FAISS_SCORE_MARGIN))
-            neighbours[pending[settled]] = chosen[settled]
-            pending = pending[~settled]
-            num_candidates = min(n, 2 * num_candidates)
+    while len(pending):
+        approx, cand = faiss_knn(x32[pending], x32, num_candidates,
+                                 num_threads=num_threads)  # (R, K) each, desc
+        exact = _exact_scores(x64, pending, cand)
+        exact[cand == pending[:, None]] = -np.inf  # self is never its own neighbour
+        # sort by (score desc, index asc): lexsort's last key is the primary one
+        order = np.lexsort((cand, -exact), axis=-1)[:, :k]
+        chosen = np.take_along_axis(cand, order, axis=-1)  # (R, k)
+        kth_score = np.take_along_axis(exact, order[:, -1:], axis=-1)[:, 0]  # (R,)
+        settled = ((num_candidates == n)
+                   | (approx[:, -1].astype(np.float64) < kth_score - _FAISS_SCORE_MARGIN))
+        neighbours[pending[settled]] = chosen[settled]
+        pending = pending[~settled]
+        num_candidates = min(n, 2 * num_candidates)
 
     targets = np.repeat(np.arange(n, dtype=np.int64), k)
     edge_index = np.stack([neighbours.reshape(-1), targets])

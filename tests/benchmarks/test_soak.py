@@ -9,7 +9,8 @@ import pytest
 
 from benchmarks.soak import (Trace, check_memory_state, growth, memory_summary, role, sample,
                              table)
-from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryBank
+from gckd_ray.model.centring import SOURCE, TARGET
+from gckd_ray.model.memory_bank import MemoryBank
 
 D = 8
 
@@ -18,7 +19,7 @@ D = 8
 def state() -> dict:
     """A bank after its queues wrapped around, with pseudo-ids refreshed."""
     bank = MemoryBank(D, queue_size=12, num_target_images=6, num_target_texts=6, pseudo_k=1,
-                      pseudo_threshold=-1.0)
+                      pseudo_threshold=-1.0, pseudo_center=True, faiss_threads=1, seed=0)
     rng = np.random.default_rng(0)
     for step in range(4):
         for modality in ("image", "text"):

@@ -15,7 +15,8 @@ from gckd_ray.data.prefetch import Prefetcher
 from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.transforms import TrainAugment, normalize
 from gckd_ray.distributed.adaptation import TargetFeed, push_teacher, step_batches, views
-from gckd_ray.distributed.memory import SOURCE, TARGET, MemoryBank
+from gckd_ray.model.centring import SOURCE, TARGET
+from gckd_ray.model.memory_bank import MemoryBank
 from gckd_ray.model.collectives import all_gather_many, all_gather_no_grad
 from helpers import run_gloo_ranks
 
@@ -130,7 +131,9 @@ def _push_worker(rank: int) -> dict:
 
     dist.all_gather = counting_all_gather
     try:
-        banks = [MemoryBank(D, 64, ROWS, ROWS) if rank == 0 else None for _ in range(2)]
+        banks = [MemoryBank(D, 64, ROWS, ROWS, pseudo_k=1, pseudo_threshold=0.0,
+                            pseudo_center=True, faiss_threads=1, seed=0)
+                 if rank == 0 else None for _ in range(2)]
         push_teacher(banks[0], *_push_inputs(rank))
         bucketed = len(calls)
         _push_per_tensor(banks[1], *_push_inputs(rank))

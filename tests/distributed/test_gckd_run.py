@@ -10,6 +10,7 @@ import pytest
 
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.distributed.launcher import run_training
+from gckd_ray.distributed.metrics_log import METRICS_FILE, read_records
 from gckd_ray.evaluate import main as evaluate_main
 from gckd_ray.results import METRIC_KEYS
 
@@ -57,6 +58,17 @@ def test_target_ids_and_pairing_never_reach_training(ray_session, tiny_config, s
         "adaptation": {"epochs": 1, "losses": ["itc", "id", "cmkd", "gmp", "itm"]}}
     assert set(results[0]["final_rerank"]) == {"R1", "R5", "R10", "mAP", "mINP"}
     assert first == second  # identical losses, pseudo-pair counts and metrics
+    # Every pseudo-id refresh is in metrics.jsonl with what it found and its wall time; the
+    # scrambled target annotation changes none of what it found.
+    refreshes = [[r for r in read_records(tmp_path / f"{root.name}-run" / METRICS_FILE)
+                  if r["kind"] == "refresh"] for root in (plain, scrambled)]
+    steps = [r["step"] for r in refreshes[0]]
+    assert steps and steps == sorted(set(steps)) and {r["epoch"] for r in refreshes[0]} <= {1, 2}
+    assert all(r["seconds"] > 0 and r["num_nodes"] > 0 and 0 <= r["text_coverage"] <= 1
+               for r in refreshes[0])
+    found = [[{k: v for k, v in r.items() if k not in ("seconds", "time")} for r in run]
+             for run in refreshes]
+    assert found[0] == found[1]
     # The lexical bridge ran, and read only what scrambling leaves intact.
     aliases = [load_tokenizer(tmp_path / f"{root.name}-run" / "tokenizer").aliases
                for root in (plain, scrambled)]

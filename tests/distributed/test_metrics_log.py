@@ -51,3 +51,17 @@ def test_records_curves_and_resume(tmp_path, capsys):
 
     fresh = MetricsLog(tmp_path, 0, steps_per_epoch=4, epochs=3, samples_per_step=32)
     assert fresh.records == [] and (tmp_path / METRICS_FILE).read_text() == ""
+
+
+def test_refresh_records_are_kept_apart_from_the_curves(tmp_path):
+    log = MetricsLog(tmp_path, 0, steps_per_epoch=4, epochs=2, samples_per_step=32)
+    stats = {"num_clusters": 3.0, "image_coverage": 0.5, "text_coverage": 0.25,
+             "mean_cluster_size": 2.0, "num_nodes": 9.0, "num_edges": 4.0, "seconds": 0.01}
+    log.refresh(1, 2, stats)  # read before the third step of the second epoch
+    _epoch(log, 1)  # the curves are drawn over every record kind
+    records = read_records(tmp_path / METRICS_FILE)
+    assert records[0] == {"kind": "refresh", "step": 6, "epoch": 2, **stats,
+                          "time": records[0]["time"]}
+    assert [r["kind"] for r in records] == ["refresh", "train", "train", "eval"]
+    assert (tmp_path / CURVES_FILE).is_file()
+    assert [r["kind"] for r in MetricsLog(tmp_path, 1, 4, 2, 32).records] == []  # epoch 2 dropped

@@ -61,7 +61,7 @@ def test_dense_knn_edges_equal_brute_force_with_ties_and_blocks(monkeypatch):
 def test_knn_edges_without_faiss_uses_the_dense_path(monkeypatch):
     x = F.normalize(torch.randn(25, 8, generator=torch.Generator().manual_seed(2)), dim=-1)
     with_faiss = knn_edges(x, 4)
-    monkeypatch.setattr(graph, "_faiss", lambda: None)
+    monkeypatch.setattr(graph, "faiss_module", lambda: None)
     assert torch.equal(knn_edges(x, 4), with_faiss)
 
 

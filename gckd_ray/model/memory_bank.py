@@ -1,0 +1,368 @@
+"""The global momentum memory's state: per-modality FIFO queues of teacher features, the
+newest feature per target row, and target pseudo-ids; plain single-process code (numpy + faiss),
+tested without Ray. ``distributed/memory.py`` wraps it as the named Ray actor.
+
+Layout (DESIGN.md §2 items 3 and 6, §4):
+
+- one ring buffer per modality (``"image"``, ``"text"``) of ``queue_size`` entries; each entry is
+  a teacher feature ``(D,)``, a domain flag (SOURCE / TARGET, ``model/centring.py``), a label
+  (source person label; -1 for target: the bank is never given target ids) and the item's row
+  in its split;
+- per target row the newest feature pushed for it (``num_target_images x D`` and
+  ``num_target_texts x D`` tables with a ``seen`` mask): the nodes of the cross-domain graph;
+- target pseudo-ids: connected components of the mutual-kNN graph over those nodes that hold at
+  least one image and one caption (``model/pseudo_ids.py``), recomputed by
+  ``refresh_pseudo_ids`` on the caller's schedule.
+
+Features are stored and snapshotted in ``feature_dtype`` (float32 by default; float16 halves the
+memory, the snapshot and the object-store traffic — the consumer then casts). Target tables use
+the same dtype; the graph is always built in float32.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gckd_ray.checkpoint_format import MEMORY_CONFIG_KEYS, read_state, write_state
+from gckd_ray.model.centring import SOURCE, TARGET
+from gckd_ray.model.pseudo_ids import centred_rows, cross_modal_pseudo_ids, normalised_rows
+
+MODALITIES = ("image", "text")
+FEATURE_DTYPES = ("float32", "float16")
+
+
+def check_push(modality: str, features: np.ndarray, domain: int, labels: np.ndarray,
+               indices: np.ndarray) -> None:
+    """Validate one push without knowing the bank's sizes (the client calls it before sending,
+    so a bad push fails at the call site, not later inside the actor).
+
+    Raises:
+        ValueError: unknown modality or domain, mismatched shapes, a target label other than -1
+            (target ids must never reach the memory) or a negative source label / index.
+    """
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    if domain not in (SOURCE, TARGET):
+        raise ValueError(f"domain must be SOURCE ({SOURCE}) or TARGET ({TARGET}), got {domain!r}")
+    if features.ndim != 2:
+        raise ValueError(f"features must be (B, D), got shape {features.shape}")
+    batch = features.shape[0]
+    if labels.shape != (batch,) or indices.shape != (batch,):
+        raise ValueError(f"labels {labels.shape} and indices {indices.shape} must be ({batch},)")
+    if domain == TARGET and (labels != -1).any():
+        raise ValueError("target labels must all be -1: the memory is never given target ids")
+    if domain == SOURCE and (labels < 0).any():
+        raise ValueError("source labels must be >= 0")
+    if (indices < 0).any():
+        raise ValueError("indices must be >= 0")
+
+
+class MemoryBank:
+    """Per-modality FIFO queues of teacher features + target tables + target pseudo-ids.
+
+    Args:
+        dim: feature dimension D.
+        queue_size: entries per modality queue (both domains share it, in push order).
+        num_target_images / num_target_texts: rows of the target training image / caption
+            splits (the node tables of the cross-domain graph).
+        pseudo_k: neighbours per node in the kNN graph (``gckd.pseudo_k``).
+        pseudo_threshold: minimum cosine of a kept (mutual) edge (``gckd.pseudo_threshold``).
+        pseudo_center: centre each modality's target features before the graph
+            (``gckd.pseudo_center``).
+        faiss_threads: OpenMP threads for the kNN search (``gckd.refresh_threads``; 0 leaves
+            faiss' default: every core).
+        seed: kept in the state for reproducible randomised refreshes; the mutual-kNN refresh
+            is exact and deterministic and does not draw from it.
+        feature_dtype: ``"float32"`` or ``"float16"``: storage and snapshot dtype of features.
+        target_pairs: paired-target variant only: the image row of each target caption.
+    """
+
+    def __init__(self, dim: int, queue_size: int, num_target_images: int, num_target_texts: int,
+                 *, pseudo_k: int, pseudo_threshold: float, pseudo_center: bool,
+                 faiss_threads: int, seed: int, feature_dtype: str = "float32",
+                 target_pairs: np.ndarray | None = None):
+        if dim <= 0 or queue_size <= 0 or num_target_images < 0 or num_target_texts < 0:
+            raise ValueError("dim and queue_size must be > 0, target sizes >= 0")
+        if feature_dtype not in FEATURE_DTYPES:
+            raise ValueError(f"feature_dtype must be one of {FEATURE_DTYPES}, "
+                             f"got {feature_dtype!r}")
+        if pseudo_k < 1:
+            raise ValueError(f"pseudo_k must be >= 1, got {pseudo_k}")
+        if faiss_threads < 0:
+            raise ValueError(f"faiss_threads must be >= 0, got {faiss_threads}")
+        self.dim, self.queue_size = dim, queue_size
+        self.num_targets = {"image": num_target_images, "text": num_target_texts}
+        self.pseudo_k, self.pseudo_threshold, self.seed = pseudo_k, float(pseudo_threshold), seed
+        self.feature_dtype, self.faiss_threads = feature_dtype, faiss_threads
+        self.pseudo_center = pseudo_center
+        # Paired-target variant: caption row -> image row of the target training set.
+        self.target_pairs = None if target_pairs is None else self._check_pairs(target_pairs)
+        self.version = 0         # +1 per push
+        self.pseudo_version = 0  # +1 per refresh_pseudo_ids
+        dt = np.dtype(feature_dtype)
+        self._features = {m: np.zeros((queue_size, dim), dt) for m in MODALITIES}
+        self._domain = {m: np.zeros(queue_size, np.int8) for m in MODALITIES}
+        self._labels = {m: np.full(queue_size, -1, np.int64) for m in MODALITIES}
+        self._indices = {m: np.zeros(queue_size, np.int64) for m in MODALITIES}
+        self._ptr = {m: 0 for m in MODALITIES}    # next slot to write
+        self._count = {m: 0 for m in MODALITIES}  # filled slots
+        self._table = {m: np.zeros((n, dim), dt) for m, n in self.num_targets.items()}
+        self._seen = {m: np.zeros(n, bool) for m, n in self.num_targets.items()}
+        self._pseudo = {m: np.full(n, -1, np.int64) for m, n in self.num_targets.items()}
+
+    def _check_pairs(self, pairs: np.ndarray) -> np.ndarray:
+        pairs = np.asarray(pairs, np.int64)
+        n_img, n_txt = self.num_targets["image"], self.num_targets["text"]
+        if pairs.shape != (n_txt,) or (n_txt and not 0 <= pairs.min() <= pairs.max() < n_img):
+            raise ValueError(f"target_pairs must map each of the {n_txt} target captions to an "
+                             f"image row in [0, {n_img}), got shape {pairs.shape}")
+        return pairs
+
+    # ------------------------------------------------------------------ queues
+    def push(self, modality: str, features: np.ndarray, domain: int, labels: np.ndarray,
+             indices: np.ndarray) -> None:
+        """Enqueue teacher features; overwrite the oldest entries once the queue is full.
+
+        Args:
+            modality: ``"image"`` or ``"text"``.
+            features: (B, D) teacher features, L2-normalised.
+            domain: SOURCE or TARGET.
+            labels: (B,) int64 source person labels; all -1 for TARGET.
+            indices: (B,) int64 row of each item in its split (image row / caption row).
+        """
+        features = np.asarray(features)
+        labels = np.asarray(labels, np.int64).reshape(-1)
+        indices = np.asarray(indices, np.int64).reshape(-1)
+        domain = int(domain)
+        check_push(modality, features, domain, labels, indices)
+        if features.shape[1] != self.dim:
+            raise ValueError(f"features have dim {features.shape[1]}, the memory {self.dim}")
+        if domain == TARGET:
+            n = self.num_targets[modality]
+            if (indices >= n).any():
+                raise ValueError(f"target {modality} index {int(indices.max())} out of range "
+                                 f"(num_target_{modality}s = {n})")
+            self._update_table(modality, features, indices)
+        self._enqueue(modality, features, domain, labels, indices)
+        self.version += 1
+
+    def _update_table(self, modality: str, features: np.ndarray, indices: np.ndarray) -> None:
+        # Newest feature per row: within the batch the last occurrence of a row wins.
+        last = len(indices) - 1 - np.unique(indices[::-1], return_index=True)[1]
+        rows = indices[last]
+        self._table[modality][rows] = features[last]
+        self._seen[modality][rows] = True
+
+    def _enqueue(self, m: str, features: np.ndarray, domain: int, labels: np.ndarray,
+                 indices: np.ndarray) -> None:
+        q, batch = self.queue_size, len(indices)
+        if batch >= q:  # only the newest q survive; they fill the buffer oldest first
+            features, labels, indices = features[-q:], labels[-q:], indices[-q:]
+            batch, self._ptr[m] = q, 0
+        start = self._ptr[m]
+        first = min(batch, q - start)  # rows before the wrap
+        for dst, src in ((slice(start, start + first), slice(0, first)),
+                         (slice(0, batch - first), slice(first, batch))):
+            self._features[m][dst] = features[src]
+            self._domain[m][dst] = domain
+            self._labels[m][dst] = labels[src]
+            self._indices[m][dst] = indices[src]
+        self._ptr[m] = (start + batch) % q
+        self._count[m] = min(self._count[m] + batch, q)
+
+    def _ordered(self, m: str, array: np.ndarray) -> np.ndarray:
+        """Copy of the filled slots of ``array``, oldest first."""
+        count, ptr = self._count[m], self._ptr[m]
+        start = (ptr - count) % self.queue_size
+        if start + count <= self.queue_size:
+            return array[start:start + count].copy()
+        return np.concatenate([array[start:], array[:ptr]])
+
+    # ------------------------------------------------------------------ graph and pseudo-ids
+    def target_table(self, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the newest feature per target row ``(N, D)`` and the ``seen`` mask ``(N,)``."""
+        return self._table[modality].copy(), self._seen[modality].copy()
+
+    def refresh_pseudo_ids(self) -> dict[str, float]:
+        """Recompute target pseudo-ids from the cross-domain graph (never from labels).
+
+        Nodes: the newest feature of every seen target image and caption, centred per modality
+        when ``pseudo_center`` (the shared component makes every cosine high and turns a few
+        nodes into hubs; measured on a source-only teacher: mutual-NN pair precision 3.0% raw,
+        5.2% centred). Edges: image-caption pairs that are among each other's ``pseudo_k``
+        nearest of the other modality (cosine, faiss ``IndexFlatIP``), cosine
+        ``>= pseudo_threshold``. A connected component holding at
+        least one image and one caption gets a pseudo-id (numbered by its first node: images by
+        row, then captions by row); every other row gets -1 (``model/pseudo_ids.py``).
+        Deterministic. The paired variant groups each caption with its known image instead.
+
+        Returns:
+            ``num_clusters``, ``image_coverage`` / ``text_coverage`` (fraction of all target
+            rows with a pseudo-id), ``mean_cluster_size`` (nodes per pseudo-id),
+            ``num_nodes``, ``num_edges``, and ``seconds`` (wall time of the refresh).
+        """
+        start = time.perf_counter()
+        stats = self._pair_ids() if self.target_pairs is not None else self._graph_ids()
+        return {**stats, "seconds": time.perf_counter() - start}
+
+    def _graph_ids(self) -> dict[str, float]:
+        rows = {m: np.flatnonzero(self._seen[m]) for m in MODALITIES}
+        prepare = centred_rows if self.pseudo_center else normalised_rows
+        images, texts = (prepare(self._table[m][rows[m]]) for m in MODALITIES)
+        image_ids, text_ids, num_edges = cross_modal_pseudo_ids(
+            images, texts, self.pseudo_k, self.pseudo_threshold, self.faiss_threads)
+        for m, ids in (("image", image_ids), ("text", text_ids)):
+            self._pseudo[m].fill(-1)
+            self._pseudo[m][rows[m]] = ids
+        self.pseudo_version += 1
+        # ids are 0 .. clusters - 1, each held by at least one image and one caption
+        clusters = 1 + max(image_ids.max(initial=-1), text_ids.max(initial=-1))
+        labelled = (image_ids >= 0).sum() + (text_ids >= 0).sum()
+
+        def coverage(m: str) -> float:
+            n = self.num_targets[m]
+            return float((self._pseudo[m] >= 0).sum() / n) if n else 0.0
+
+        return {"num_clusters": float(clusters), "image_coverage": coverage("image"),
+                "text_coverage": coverage("text"),
+                "mean_cluster_size": float(labelled / clusters) if clusters else 0.0,
+                "num_nodes": float(len(images) + len(texts)), "num_edges": float(num_edges)}
+
+    def pseudo_ids(self) -> tuple[np.ndarray, np.ndarray]:
+        """Copies of the target image ``(num_target_images,)`` and caption
+        ``(num_target_texts,)`` pseudo-ids, int64, -1 = none."""
+        return self._pseudo["image"].copy(), self._pseudo["text"].copy()
+
+    # ------------------------------------------------------------------ snapshot
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """A consistent copy of the queues, oldest entry first (C-contiguous numpy).
+
+        Returns, for each modality m: ``{m}_features`` (n, D) in ``feature_dtype``,
+        ``{m}_domain`` (n,) int8, ``{m}_labels`` (n,) int64 — source label, or for a target
+        entry its row's *current* pseudo-id (-1 if none) —, ``{m}_indices`` (n,) int64; plus
+        ``target_image_pseudo_ids``, ``target_text_pseudo_ids``, and 0-d int64 ``version``
+        (pushes so far) and ``pseudo_version`` (refreshes so far).
+        """
+        out: dict[str, np.ndarray] = {}
+        for m in MODALITIES:
+            domain = self._ordered(m, self._domain[m])
+            labels = self._ordered(m, self._labels[m])
+            indices = self._ordered(m, self._indices[m])
+            target = domain == TARGET
+            labels[target] = self._pseudo[m][indices[target]]
+            out.update({f"{m}_features": self._ordered(m, self._features[m]),
+                        f"{m}_domain": domain, f"{m}_labels": labels, f"{m}_indices": indices})
+        out["target_image_pseudo_ids"] = self._pseudo["image"].copy()
+        out["target_text_pseudo_ids"] = self._pseudo["text"].copy()
+        out["version"] = np.array(self.version, np.int64)
+        out["pseudo_version"] = np.array(self.pseudo_version, np.int64)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        """Fill levels per modality and domain, seen target rows, versions (flat, for logging)."""
+        out: dict[str, Any] = {"version": self.version, "pseudo_version": self.pseudo_version,
+                               "queue_size": self.queue_size}
+        for m in MODALITIES:
+            domain = self._domain[m][self._filled_slots(m)]
+            out[f"{m}_filled"] = self._count[m]
+            out[f"{m}_source"] = int((domain == SOURCE).sum())
+            out[f"{m}_target"] = int((domain == TARGET).sum())
+            out[f"target_{m}_seen"] = int(self._seen[m].sum())
+        return out
+
+    def _filled_slots(self, m: str) -> np.ndarray:
+        return (self._ptr[m] - self._count[m] + np.arange(self._count[m])) % self.queue_size
+
+    # ------------------------------------------------------------------ state
+    def _pair_ids(self) -> dict[str, float]:
+        """Paired variant: each target image is its own group, each caption joins its image's
+        (the pairs are known; person ids still are not)."""
+        self._pseudo["image"] = np.arange(self.num_targets["image"], dtype=np.int64)
+        self._pseudo["text"] = self.target_pairs.copy()
+        self.pseudo_version += 1
+        n_img, n_txt = self.num_targets["image"], self.num_targets["text"]
+        return {"num_clusters": float(n_img), "image_coverage": 1.0, "text_coverage": 1.0,
+                "mean_cluster_size": (n_img + n_txt) / n_img if n_img else 0.0,
+                "num_nodes": float(n_img + n_txt), "num_edges": float(n_txt)}
+
+    @staticmethod
+    def _state_keys() -> list[str]:
+        per_modality = ("{m}_features", "{m}_domain", "{m}_labels", "{m}_indices", "{m}_ptr",
+                        "{m}_count", "target_{m}_features", "target_{m}_seen",
+                        "target_{m}_pseudo_ids")
+        return [*MEMORY_CONFIG_KEYS, "pseudo_k", "seed", "version", "pseudo_version",
+                "pseudo_threshold", "feature_dtype", "target_pairs",
+                *(k.format(m=m) for m in MODALITIES for k in per_modality)]
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every array of the bank, plain numpy (no objects: loadable with allow_pickle=False)."""
+        state = {"dim": self.dim, "queue_size": self.queue_size,
+                 "num_target_images": self.num_targets["image"],
+                 "num_target_texts": self.num_targets["text"], "pseudo_k": self.pseudo_k,
+                 "seed": self.seed, "version": self.version, "pseudo_version": self.pseudo_version}
+        state = {k: np.array(v, np.int64) for k, v in state.items()}
+        state["pseudo_threshold"] = np.array(self.pseudo_threshold, np.float64)
+        state["feature_dtype"] = np.array(self.feature_dtype)
+        # -1: unpaired (a zero-length array would be ambiguous with "no target captions").
+        state["target_pairs"] = (np.array(-1, np.int64) if self.target_pairs is None
+                                 else self.target_pairs)
+        for m in MODALITIES:
+            state.update({f"{m}_features": self._features[m], f"{m}_domain": self._domain[m],
+                          f"{m}_labels": self._labels[m], f"{m}_indices": self._indices[m],
+                          f"{m}_ptr": np.array(self._ptr[m], np.int64),
+                          f"{m}_count": np.array(self._count[m], np.int64),
+                          f"target_{m}_features": self._table[m],
+                          f"target_{m}_seen": self._seen[m],
+                          f"target_{m}_pseudo_ids": self._pseudo[m]})
+        return {k: v.copy() for k, v in state.items()}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Replace the bank's contents; sizes (dim, queue size, target sizes) must match."""
+        missing = sorted(set(self._state_keys()) - set(state))
+        if missing:
+            raise ValueError(f"memory state lacks {missing}")
+        sizes = {"dim": self.dim, "queue_size": self.queue_size,
+                 "num_target_images": self.num_targets["image"],
+                 "num_target_texts": self.num_targets["text"]}
+        wrong = {k: (int(state[k]), v) for k, v in sizes.items() if int(state[k]) != v}
+        if wrong:
+            raise ValueError("memory state does not fit this bank (saved, expected): "
+                             + ", ".join(f"{k} {a} != {b}" for k, (a, b) in wrong.items()))
+        self.pseudo_k, self.seed = int(state["pseudo_k"]), int(state["seed"])
+        self.pseudo_threshold = float(state["pseudo_threshold"])
+        self.version, self.pseudo_version = int(state["version"]), int(state["pseudo_version"])
+        self.feature_dtype = str(state["feature_dtype"])
+        pairs = np.asarray(state["target_pairs"])
+        self.target_pairs = None if pairs.ndim == 0 else self._check_pairs(pairs)
+        dt = np.dtype(self.feature_dtype)
+        for m in MODALITIES:
+            self._features[m] = np.array(state[f"{m}_features"], dt)
+            self._domain[m] = np.array(state[f"{m}_domain"], np.int8)
+            self._labels[m] = np.array(state[f"{m}_labels"], np.int64)
+            self._indices[m] = np.array(state[f"{m}_indices"], np.int64)
+            self._ptr[m], self._count[m] = int(state[f"{m}_ptr"]), int(state[f"{m}_count"])
+            self._table[m] = np.array(state[f"target_{m}_features"], dt)
+            self._seen[m] = np.array(state[f"target_{m}_seen"], bool)
+            self._pseudo[m] = np.array(state[f"target_{m}_pseudo_ids"], np.int64)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``directory/memory.npz`` atomically (see ``write_state``); return its path."""
+        return write_state(directory, self.state_dict())
+
+    @classmethod
+    def load(cls, directory: str | Path, *, pseudo_center: bool,
+             faiss_threads: int) -> "MemoryBank":
+        """A bank rebuilt from ``directory/memory.npz``; the state does not hold the refresh's
+        ``pseudo_center`` and ``faiss_threads``, so the caller gives them."""
+        state = read_state(directory)
+        bank = cls(int(state["dim"]), int(state["queue_size"]), int(state["num_target_images"]),
+                   int(state["num_target_texts"]), pseudo_k=int(state["pseudo_k"]),
+                   pseudo_threshold=float(state["pseudo_threshold"]),
+                   pseudo_center=pseudo_center, faiss_threads=faiss_threads,
+                   seed=int(state["seed"]), feature_dtype=str(state["feature_dtype"]))
+        bank.load_state_dict(state)
+        return bank

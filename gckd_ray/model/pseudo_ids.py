@@ -1,0 +1,106 @@
+"""Target pseudo-ids from the cross-domain graph (DESIGN.md §2 items 3 and 5), Ray-free method
+code: the memory bank (``model/memory_bank.py``) calls it on its target tables, and the
+``experiments.diagnose_pseudo_pairs`` script on a checkpoint's target features.
+
+Nodes are target image and caption features (optionally centred per modality); edges join an
+image and a caption that are among each other's k nearest of the other modality (the kNN is
+``model/knn.py``'s faiss search, the one the GMP graph uses) above a cosine threshold; a
+connected component holding at least one image and one caption is one pseudo-id. Never reads
+labels; deterministic.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from gckd_ray.model.knn import faiss_knn
+
+
+def normalised_rows(features: np.ndarray) -> np.ndarray:
+    """L2-normalise rows (float32)."""
+    x = features.astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def centred_rows(features: np.ndarray) -> np.ndarray:
+    """Subtract the mean and re-normalise rows (float32)."""
+    x = features.astype(np.float32)
+    return normalised_rows(x - x.mean(0, keepdims=True) if len(x) else x)
+
+
+def cross_modal_mutual_edges(images: np.ndarray, texts: np.ndarray, k: int, threshold: float,
+                             num_threads: int) -> np.ndarray:
+    """Image-caption edges where each is among the other's k nearest of the other modality.
+
+    Cross-modal on purpose: within a modality every neighbour beats any cross-modal one (the
+    modality gap), so a kNN graph over the union of both never links an image to a caption.
+
+    Args:
+        images: (Ni, D), texts: (Nt, D) features, L2-normalised.
+        k: neighbours of the other modality per node.
+        threshold: minimum cosine of a kept edge.
+        num_threads: faiss OpenMP threads (0 = faiss' default, every core).
+
+    Returns:
+        (E, 2) int64 ``[image row, Ni + text row]``, sorted.
+    """
+    if len(images) == 0 or len(texts) == 0:
+        return np.zeros((0, 2), np.int64)
+    sim_it, nn_it = faiss_knn(images, texts, k, num_threads=num_threads)  # (Ni, k) texts
+    _, nn_ti = faiss_knn(texts, images, k, num_threads=num_threads)       # (Nt, k) images
+    img = np.repeat(np.arange(len(images), dtype=np.int64), nn_it.shape[1])
+    txt, sims = nn_it.ravel().astype(np.int64), sim_it.ravel()
+    back = (nn_ti[txt] == img[:, None]).any(axis=1)
+    keep = back & (txt >= 0) & (sims >= threshold)
+    return np.stack([img[keep], len(images) + txt[keep]], axis=1)
+
+
+def connected_components(num_nodes: int, edges: np.ndarray) -> np.ndarray:
+    """Component label per node = the smallest node index in its component.
+
+    Union-find by hooking roots onto the smaller root and pointer jumping, vectorised in numpy
+    (no scipy). Args: ``edges`` (E, 2) int. Returns: (num_nodes,) int64.
+    """
+    parent = np.arange(num_nodes, dtype=np.int64)
+    if len(edges) == 0:
+        return parent
+    i, j = edges[:, 0], edges[:, 1]
+    while True:
+        # Invariant: every parent is a root, so parent[i] and parent[j] are the roots of i, j.
+        ri, rj = parent[i], parent[j]
+        differ = ri != rj
+        if not differ.any():
+            return parent
+        lo, hi = np.minimum(ri, rj)[differ], np.maximum(ri, rj)[differ]
+        np.minimum.at(parent, hi, lo)  # hook a root onto a smaller root: no cycles
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+
+
+def cross_modal_pseudo_ids(images: np.ndarray, texts: np.ndarray, k: int, threshold: float,
+                           num_threads: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pseudo-ids of image and caption nodes: the connected components of
+    :func:`cross_modal_mutual_edges` that hold at least one image and one caption, numbered by
+    their first node (images by row, then captions by row); every other node gets -1.
+
+    Args:
+        images: (Ni, D), texts: (Nt, D) prepared (normalised or centred) features.
+        k, threshold, num_threads: as :func:`cross_modal_mutual_edges`.
+    Returns:
+        image ids (Ni,) int64, caption ids (Nt,) int64, and the number of edges.
+    """
+    num_images, num_nodes = len(images), len(images) + len(texts)
+    edges = cross_modal_mutual_edges(images, texts, k, threshold, num_threads)
+    root = connected_components(num_nodes, edges)
+    has_image = np.zeros(num_nodes, bool)
+    has_image[root[:num_images]] = True
+    has_text = np.zeros(num_nodes, bool)
+    has_text[root[num_images:]] = True
+    cross_modal = np.flatnonzero(has_image & has_text)  # roots, ascending = first node
+    id_of_root = np.full(num_nodes, -1, np.int64)
+    id_of_root[cross_modal] = np.arange(len(cross_modal))
+    node_ids = id_of_root[root]
+    return node_ids[:num_images], node_ids[num_images:], len(edges)
