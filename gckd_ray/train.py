@@ -14,7 +14,7 @@ use_loopback_if_local()  # before anything imports ray
 
 from gckd_ray.config import help_epilog, load_config  # noqa: E402
 from gckd_ray.config_rules import enforce as enforce_rules  # noqa: E402
-from gckd_ray.errors import InputError, one_line  # noqa: E402
+from gckd_ray.errors import run_command  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,16 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        enforce_rules(cfg, "train")  # before Ray starts and before anything is written
-        from gckd_ray.distributed.launcher import run_training
+    return run_command(lambda: _train(args))
 
-        run_training(cfg)  # fails early on unplaceable workers and on bad data
-    except InputError as err:
-        print(one_line(err), file=sys.stderr)
-        return 2
-    return 0
+
+def _train(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    enforce_rules(cfg, "train")  # before Ray starts and before anything is written
+    from gckd_ray.distributed.launcher import run_training
+
+    run_training(cfg)  # fails early on unplaceable workers and on bad data
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ use_loopback_if_local()  # before anything imports ray
 
 from gckd_ray.config import help_epilog, load_config, override_config  # noqa: E402
 from gckd_ray.config_rules import enforce as enforce_rules  # noqa: E402
-from gckd_ray.errors import InputError, one_line  # noqa: E402
+from gckd_ray.errors import run_command  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,20 +42,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        flags = [f"tune.num_samples={args.num_samples}"] if args.num_samples is not None else []
-        if args.oracle_metric:
-            flags.append("tune.oracle_metric=true")
-        cfg = override_config(cfg, flags).with_absolute_paths()
-        enforce_rules(cfg, "tune")  # before Ray starts and before anything is written
-        from gckd_ray.distributed.sweep import run_sweep
+    return run_command(lambda: _tune(args))
 
-        run_sweep(cfg, resume=args.resume)
-    except InputError as err:
-        print(one_line(err), file=sys.stderr)
-        return 2
-    return 0
+
+def _tune(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, args.overrides)
+    flags = [f"tune.num_samples={args.num_samples}"] if args.num_samples is not None else []
+    if args.oracle_metric:
+        flags.append("tune.oracle_metric=true")
+    cfg = override_config(cfg, flags).with_absolute_paths()
+    enforce_rules(cfg, "tune")  # before Ray starts and before anything is written
+    from gckd_ray.distributed.sweep import run_sweep
+
+    run_sweep(cfg, resume=args.resume)
 
 
 if __name__ == "__main__":
