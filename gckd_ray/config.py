@@ -255,6 +255,8 @@ class RunConfig:
                              "results.json, checkpoints (ray/), tokenizer/ and memory/ go here")
     resume: bool = option(False,
                           "continue the last run in run.output_dir from its latest checkpoint")
+    verbose: bool = option(False, "also show Ray's and the workers' own output (debugging); "
+                                  "the console otherwise shows this project's lines only")
     # Stop (cleanly, after its checkpoint) once this many epochs ran in this invocation; 0 = run
     # to train.epochs. For time-limited allocations: continue later with run.resume=true.
     stop_after_epochs: int = option(0,

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "SynthPEDES synth-cuhk -> synth-icfg on 2 CPU workers.",
         epilog=help_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML file (e.g. experiments/configs/default.yaml)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and the workers' own output (run.verbose=true)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.epochs=3 data.target.name=synth-rstp")
     return parser
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, [*args.overrides, *(["run.verbose=true"] if args.verbose
+                                                         else [])])
     enforce_rules(cfg, "train")  # before Ray starts and before anything is written
     from gckd_ray.distributed.launcher import run_training
 

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--oracle-metric", action="store_true",
                         help="rank trials by target test R1 (uses target labels: research "
                              "only); default: the label-free target_mnn")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and the workers' own output (run.verbose=true)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. train.epochs=12 tune.num_samples=4")
     return parser
@@ -50,6 +52,8 @@ def _tune(args: argparse.Namespace) -> None:
     flags = [f"tune.num_samples={args.num_samples}"] if args.num_samples is not None else []
     if args.oracle_metric:
         flags.append("tune.oracle_metric=true")
+    if args.verbose:
+        flags.append("run.verbose=true")
     cfg = override_config(cfg, flags).with_absolute_paths()
     enforce_rules(cfg, "tune")  # before Ray starts and before anything is written
     from gckd_ray.distributed.sweep import run_sweep

@@ -19,6 +19,7 @@ from gckd_ray.data.formats import Record
 from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.vocab_bridge import bridge_words
 from gckd_ray.distributed.memory import MemoryClient, memory_actor_name
+from gckd_ray.distributed.metrics_log import ConsoleTail
 from gckd_ray.distributed.runtime import (check_placement, init_ray, process_group_backend,
                                           process_group_listen_host)
 from gckd_ray.model.encoders import embedding_dim
@@ -60,6 +61,17 @@ def start_memory(cfg: Config, run_name: str, records: list[Record]) -> MemoryCli
         seed=cfg.run.seed)
 
 
+def start_line(cfg: Config) -> str:
+    """What the run will do and where its outputs go, in one line."""
+    adapt = cfg.train.epochs - cfg.gckd.warmup_epochs if cfg.method == "gckd" else 0
+    schedule = (f"{cfg.train.epochs} epochs ({cfg.train.epochs - adapt} source + {adapt} "
+                f"adaptation)" if adapt else f"{cfg.train.epochs} epochs")
+    return (f"gckd-ray: method {cfg.method}, {cfg.protocol}, {schedule}, "
+            f"{cfg.train.num_workers} worker(s) x {cfg.train.cpus_per_worker:g} CPU"
+            f"{' + 1 GPU' if cfg.train.use_gpu else ''}, ZeRO-{cfg.deepspeed.zero_stage}; "
+            f"outputs in {cfg.run.output_dir}")
+
+
 def _run_name(cfg: Config, storage: Path) -> str:
     """A fresh name per run; ``run.resume`` reuses the last one so Ray Train restores it."""
     latest = storage / "LATEST"
@@ -78,12 +90,17 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
 
     ``callbacks``: Ray Train ``UserCallback``s (a Tune trial passes Tune's report callback)."""
     cfg = cfg.with_absolute_paths()  # workers run in another working directory
-    check_batches_fit(cfg, load_records(cfg, labelled_domain(cfg), "train"))
+    labelled = load_records(cfg, labelled_domain(cfg), "train")
+    check_batches_fit(cfg, labelled)
     output = Path(cfg.run.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    target_train = load_records(cfg, cfg.data.target, "train").records
+    print(start_line(cfg), flush=True)
+    target = load_records(cfg, cfg.data.target, "train")
+    for records in {id(r): r for r in (labelled, target) if r.records}.values():
+        print(records.summary(), flush=True)
+    target_train = target.records
     tokenizer_dir = prepare_tokenizer(cfg, target_train)
-    init_ray()
+    init_ray(verbose=cfg.run.verbose)
     check_placement(cfg.train)
     from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig, TrainingFailedError)
@@ -116,7 +133,8 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
             logging_config=LoggingConfig(log_level="WARNING")),
     )
     try:
-        result = trainer.fit()
+        with ConsoleTail(output):
+            result = trainer.fit()
     except TrainingFailedError as err:
         # A data or config error in a worker: its own one line, not a worker-group traceback.
         if (cause := input_error_of(err)) is not None:

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from gckd_ray.distributed.loop import log_progress
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -75,15 +75,21 @@ class MetricsLog:
         """Print the progress line (0-based ``epoch`` and ``step``; ``sums`` of the epoch so
         far) and append its record; ``loss_names``: which keys of ``sums`` are losses (the
         others are step statistics)."""
-        rate = log_progress(epoch, self.epochs, step, steps, sums, lr, start)
+        rate = (step + 1) / (time.perf_counter() - start)
         names = set(loss_names)
         means = {k: v / (step + 1) for k, v in sums.items()}
-        self._append({"kind": "train", "step": epoch * self.steps_per_epoch + step + 1,
-                      "epoch": epoch + 1, "epoch_step": step + 1,
+        done = epoch * self.steps_per_epoch + step + 1
+        self._append({"kind": "train", "step": done, "epoch": epoch + 1, "epoch_step": step + 1,
+                      "epochs": self.epochs, "epoch_steps": steps,
                       "losses": {k: v for k, v in means.items() if k in names},
                       "stats": {k: v for k, v in means.items() if k not in names},
                       "lr": lr, "steps_per_s": rate, "samples_per_s": rate * self.samples_per_step,
+                      "eta_s": (self.epochs * self.steps_per_epoch - done) / rate,
                       "time": time.time()})
+
+    def note(self, epoch: int, text: str) -> None:
+        """A line for the console (resumed, stopped early) after ``epoch`` (1-based) epochs."""
+        self._append({"kind": "note", "epoch": epoch, "text": text, "time": time.time()})
 
     def refresh(self, epoch: int, step: int, stats: dict[str, float]) -> None:
         """Append what a pseudo-id refresh did, read before step ``step`` of ``epoch`` (both
@@ -91,10 +97,12 @@ class MetricsLog:
         self._append({"kind": "refresh", "step": epoch * self.steps_per_epoch + step,
                       "epoch": epoch + 1, **stats, "time": time.time()})
 
-    def evaluation(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Append the target metrics after ``epoch`` (1-based) epochs; redraw curves.png."""
+    def evaluation(self, epoch: int, metrics: dict[str, float], split: str = "") -> None:
+        """Append the target metrics of ``split`` after ``epoch`` (1-based) epochs; redraw
+        curves.png."""
         self._append({"kind": "eval", "step": epoch * self.steps_per_epoch, "epoch": epoch,
-                      "metrics": metrics, "time": time.time()})
+                      "epochs": self.epochs, "split": split, "metrics": metrics,
+                      "time": time.time()})
         from gckd_ray.plots import plot_curves  # matplotlib only where curves are drawn
 
         plot_curves(self.records, self.curves)
@@ -103,3 +111,59 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         self.records.append(record)
+
+
+def console_line(record: dict[str, Any]) -> str | None:
+    """The console line of a metrics.jsonl record (None: the record is not shown)."""
+    if record["kind"] == "train":
+        terms = " ".join(f"{k}={v:.4f}" for k, v in {**record["losses"],
+                                                     **record["stats"]}.items())
+        eta = int(record["eta_s"])
+        return (f"[epoch {record['epoch']}/{record['epochs']}] step {record['epoch_step']}/"
+                f"{record['epoch_steps']} {terms} lr={record['lr']:.2e} "
+                f"{record['steps_per_s']:.1f} it/s ETA {eta // 3600}:{eta // 60 % 60:02d}:"
+                f"{eta % 60:02d}")
+    if record["kind"] == "eval":
+        return (f"[epoch {record['epoch']}/{record['epochs']}] target {record['split']}: "
+                + " ".join(f"{k}={v:.2f}" for k, v in record["metrics"].items()
+                           if not k.startswith("num_")))
+    if record["kind"] == "note":
+        return record["text"]
+    return None
+
+
+class ConsoleTail:
+    """Driver side: prints the console line of every record a run appends to its
+    metrics.jsonl (the workers print nothing; Ray does not forward their output unless
+    ``run.verbose``). Records are told apart by their time stamps, so a resumed run that
+    rewrites the file shorter shows neither a kept record again nor misses a new one."""
+
+    def __init__(self, output_dir: str | Path, every_s: float = 0.5):
+        self.path, self.every_s = Path(output_dir) / METRICS_FILE, every_s
+        self._last = max((r.get("time", 0.0) for r in self._records()), default=0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="console-tail", daemon=True)
+
+    def __enter__(self) -> "ConsoleTail":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._show()  # what the last poll missed
+
+    def _records(self) -> list[dict[str, Any]]:
+        return read_records(self.path) if self.path.is_file() else []
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._show()
+
+    def _show(self) -> None:
+        for record in self._records():
+            if record.get("time", 0.0) > self._last:
+                self._last = record["time"]
+                line = console_line(record)
+                if line is not None:
+                    print(line, flush=True)

@@ -52,16 +52,23 @@ def process_group_listen_host() -> str:
     return "127.0.0.1" if is_local() else ""
 
 
-def init_ray(num_cpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, verbose: bool = False) -> None:
     """Join the cluster named by RAY_ADDRESS (``ray job submit``), else start a local one
-    (``num_cpus``: its logical CPUs; default: the machine's)."""
+    (``num_cpus``: its logical CPUs; default: the machine's). Unless ``verbose`` the workers'
+    output is not forwarded here (the driver prints the run's own lines from metrics.jsonl)
+    and Ray's start-up notices are not shown."""
+    import logging
+
     import ray
 
     if ray.is_initialized():
         return
+    if not verbose:  # its advice is for clusters; local runs keep token auth on (DESIGN §8)
+        logging.getLogger("ray._private.authentication.authentication_token_setup"
+                          ).setLevel(logging.ERROR)
     runtime_env = {"env_vars": worker_env()}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=runtime_env)
+        ray.init(runtime_env=runtime_env, log_to_driver=verbose)
     else:
         # address="local": a stale /tmp/ray/ray_current_cluster must not make us join a dead one.
         # The dashboard hosts the state API that Train's placement-group cleaner polls; it
@@ -71,7 +78,8 @@ def init_ray(num_cpus: int | None = None) -> None:
         port = _free_loopback_port()
         runtime_env["env_vars"]["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1",
-                 dashboard_port=port, runtime_env=runtime_env, logging_level="WARNING")
+                 dashboard_port=port, runtime_env=runtime_env, logging_level="WARNING",
+                 log_to_driver=verbose)
     _tighten_token_file()
 
 

@@ -160,7 +160,7 @@ def run_sweep(cfg: Config, resume: bool = False) -> Path:
     from gckd_ray.distributed.runtime import init_ray
     from gckd_ray.distributed.sweep_report import write_report
 
-    init_ray()
+    init_ray(verbose=cfg.run.verbose)
     local = not os.environ.get("RAY_ADDRESS")
     max_concurrent = concurrent_trials(cfg, ray.cluster_resources().get("CPU", 0.0), local)
     print(f"sweep: {num_trials(cfg, dims)} trials of {', '.join(d.key for d in dims)}, "

@@ -88,10 +88,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             unwrap(model).ema_state.load_state_dict(extras.get("ema", {}))
         if memory_state is not None:  # the memory as it was at this checkpoint
             memory.load_state(memory_state)
-        if rank == 0:
-            print(f"resumed from checkpoint after epoch {state['epoch']}", flush=True)
     log = (MetricsLog(cfg.run.output_dir, state["epoch"], sampler.steps_per_epoch,
                       cfg.train.epochs, cfg.train.batch_size * world) if rank == 0 else None)
+    if log is not None and checkpoint:
+        log.note(state["epoch"], f"resumed from checkpoint after epoch {state['epoch']}")
 
     if gckd:
         feed = TargetFeed(load_unpaired(cfg, tokenizer, verbose=rank == 0), cfg, rank, world)
@@ -106,7 +106,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         state = {"epoch": epoch + 1,
                  "history": state["history"] + [{"epoch": epoch + 1, **losses, **metrics}]}
         if log is not None:
-            log.evaluation(epoch + 1, metrics)
+            log.evaluation(epoch + 1, metrics, test_split.name)
         if gckd and rank == 0:
             memory.autosave()  # the memory restarts from here if its actor dies
         extras = {"torch_rng": torch.get_rng_state(),
@@ -115,15 +115,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             extras["ema"] = unwrap(model).ema_state.state_dict()
         memory_state = memory.state() if gckd and rank == 0 else None
         _report(cfg, model, scheduler, state, tokenizer_dir, rank, extras, memory_state)
-        if rank == 0:
-            print(f"[epoch {epoch + 1}/{cfg.train.epochs}] target {test_split.name}: "
-                  + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()
-                             if not k.startswith("num_")),
-                  flush=True)
         if cfg.run.stop_after_epochs and epoch + 1 - first_epoch >= cfg.run.stop_after_epochs:
-            if rank == 0:
-                print(f"stopping after {cfg.run.stop_after_epochs} epoch(s) as configured; "
-                      "continue with run.resume=true", flush=True)
+            if log is not None:
+                log.note(epoch + 1, f"stopping after {cfg.run.stop_after_epochs} epoch(s) as "
+                                    "configured; continue with run.resume=true")
             break
 
 

@@ -107,13 +107,14 @@ def test_scaling_projection_smoke():
     assert p["model_tflop_per_rank_step"] > 0 and p["compute_s"] > 0
 
 
-def test_scaling_parses_the_trainers_progress_lines(capsys):
+def test_scaling_parses_the_trainers_progress_lines():
     # The throughput runs time-stamp exactly these lines (the trainer's own log format).
     from benchmarks.scaling import PROGRESS
-    from gckd_ray.distributed.loop import log_progress
+    from gckd_ray.distributed.metrics_log import console_line
 
-    log_progress(0, 2, 4, 31, {"loss": 5.0, "itc": 2.5}, 1e-3, 0.0)
-    line = "(RayTrainWorker pid=1) " + capsys.readouterr().out.strip()
+    line = console_line({"kind": "train", "epoch": 1, "epochs": 2, "epoch_step": 5,
+                         "epoch_steps": 31, "losses": {"loss": 5.0, "itc": 2.5}, "stats": {},
+                         "lr": 1e-3, "steps_per_s": 2.0, "eta_s": 30.0})
     match = PROGRESS.search(line)
     assert match is not None and (match[1], match[2], match[3]) == ("1", "5", "31")
 

@@ -5,7 +5,8 @@ import time
 
 from PIL import Image
 
-from gckd_ray.distributed.metrics_log import CURVES_FILE, METRICS_FILE, MetricsLog, read_records
+from gckd_ray.distributed.metrics_log import (CURVES_FILE, METRICS_FILE, MetricsLog,
+                                             console_line, read_records)
 
 
 def _epoch(log, epoch, steps=4, every=2):
@@ -17,15 +18,18 @@ def _epoch(log, epoch, steps=4, every=2):
         if (step + 1) % every == 0:
             log.progress(epoch, step, steps, sums, 1e-3, start, loss_names=("loss", "itc"))
     log.evaluation(epoch + 1, {"R1": 10.0 * (epoch + 1), "R5": 20.0, "R10": 30.0,
-                               "mAP": 5.0, "mINP": 1.0, "num_queries": 7})
+                               "mAP": 5.0, "mINP": 1.0, "num_queries": 7}, "synth-icfg/test")
 
 
 def test_records_curves_and_resume(tmp_path, capsys):
     log = MetricsLog(tmp_path, 0, steps_per_epoch=4, epochs=3, samples_per_step=32)
     for epoch in range(2):
         _epoch(log, epoch)
-    assert "[epoch 2/3] step 4/4" in capsys.readouterr().out  # the progress line still prints
     records = read_records(tmp_path / METRICS_FILE)
+    lines = [console_line(r) for r in records]  # what the driver's console shows
+    assert lines[3].startswith("[epoch 2/3] step 2/4 loss=") and " it/s ETA 0:00:" in lines[3]
+    assert lines[5] == ("[epoch 2/3] target synth-icfg/test: R1=20.00 R5=20.00 R10=30.00 "
+                        "mAP=5.00 mINP=1.00")
     assert [(r["kind"], r["step"]) for r in records] == [
         ("train", 2), ("train", 4), ("eval", 4), ("train", 6), ("train", 8), ("eval", 8)]
     first = records[0]

@@ -103,39 +103,6 @@ def test_local_ray_listens_on_loopback_only(ray_session):
     assert len(listening) >= 3 and exposed == []
 
 
-def _listening(pids: set[int]) -> set[tuple[str, str, int]]:
-    found = set()
-    for pid in pids:
-        try:
-            process = psutil.Process(pid)
-            found |= {(process.name(), c.laddr.ip, c.laddr.port)
-                      for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN}
-        except psutil.NoSuchProcess:
-            continue
-    return found
-
-
-@pytest.mark.slow
-def test_a_training_run_listens_on_loopback_only_process_group_included(ray_session,
-                                                                        tiny_config):
-    import threading
-
-    from gckd_ray.distributed.launcher import run_training
-
-    before = _listening(_session_pids(ray_session))
-    run = threading.Thread(target=run_training,
-                           args=(tiny_config("method=source_only", "train.epochs=1"),))
-    seen: set[tuple[str, str, int]] = set()
-    run.start()
-    while run.is_alive():  # sample the workers' sockets while they train
-        seen |= _listening(_session_pids(ray_session))
-        run.join(0.2)
-    new = seen - before
-    # The workers' store and gloo pairs were seen, all on loopback.
-    assert len({port for _, _, port in new}) >= 2
-    assert [s for s in seen if s[1] not in LOOPBACK] == []
-
-
 def test_process_group_backend_pairs_nccl_with_gloo_on_gpu_and_is_gloo_on_cpu():
     assert process_group_backend(TrainConfig(use_gpu=True)) == "cpu:gloo,cuda:nccl"
     assert process_group_backend(TrainConfig(use_gpu=False)) == "gloo"
