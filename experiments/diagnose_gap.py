@@ -23,11 +23,10 @@ import dataclasses
 import json
 import re
 import sys
-from pathlib import Path
 
 import torch
 
-from gckd_ray.checkpoint_format import load_checkpoint_config
+from gckd_ray.checkpoint_format import checkpoint_tokenizer_dir, load_checkpoint_config
 from gckd_ray.data.datasets import PairedSplit, build_split, load_records
 from gckd_ray.data.synthetic import CAPTION_STYLES, DOMAIN_STYLES
 from gckd_ray.data.tokenizer import load_tokenizer
@@ -62,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.data.target.name not in DOMAIN_STYLES:
         parser.error(f"target {cfg.data.target.name!r} is not a SynthPEDES domain")
     synonyms = dict(CAPTION_STYLES[DOMAIN_STYLES[cfg.data.target.name].caption_style].synonyms)
-    tokenizer = load_tokenizer(Path(args.checkpoint) / "tokenizer")
+    tokenizer = load_tokenizer(checkpoint_tokenizer_dir(args.checkpoint))
     encoder = load_encoder(args.checkpoint, cfg, tokenizer)
     size = (cfg.data.image_height, cfg.data.image_width)
 

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from gckd_ray.checkpoint_format import load_checkpoint_config
+from gckd_ray.checkpoint_format import checkpoint_tokenizer_dir, load_checkpoint_config
 from gckd_ray.data.datasets import load_split
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.model.pseudo_ids import centred_rows, cross_modal_mutual_edges, normalised_rows
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=1, help="as gckd.pseudo_k")
     args = parser.parse_args(argv)
     cfg = load_checkpoint_config(args.checkpoint)
-    tokenizer = load_tokenizer(Path(args.checkpoint) / "tokenizer")
+    tokenizer = load_tokenizer(checkpoint_tokenizer_dir(args.checkpoint))
     split = load_split(cfg, cfg.data.target, "train", tokenizer, verbose=True)
     images, texts = encode_split(load_encoder(args.checkpoint, cfg, tokenizer), split,
                                  torch.device("cpu"))

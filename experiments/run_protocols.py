@@ -180,8 +180,8 @@ def plot_bars(table: dict, path: Path) -> None:
 
 
 def plot_curves(table: dict, path: Path) -> None:
-    """Target R@1 after every epoch, mean over the seeds whose runs kept a history (recorded
-    finals have none), one panel per protocol."""
+    """Target R@1 after every scored epoch, mean over the seeds whose runs kept a history
+    (recorded finals have none), one panel per protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,9 +197,10 @@ def plot_curves(table: dict, path: Path) -> None:
             if not runs:
                 continue
             seeds = max(seeds, len(runs))
-            epochs = [h["epoch"] for h in runs[0]["history"]]
-            mean = [statistics.mean(r["history"][i]["R1"] for r in runs)
-                    for i in range(len(epochs))]
+            # epochs every seed scored (train.eval_every can leave some out)
+            scored = [{h["epoch"]: h["R1"] for h in r["history"] if "R1" in h} for r in runs]
+            epochs = sorted(set.intersection(*(set(s) for s in scored)))
+            mean = [statistics.mean(s[e] for s in scored) for e in epochs]
             ax.plot(epochs, mean, label=variant)
         if not seeds:
             ax.text(0.5, 0.5, "no per-epoch history\n(recorded finals only)", ha="center",

@@ -12,11 +12,20 @@ Layout of one checkpoint directory (Ray Train merges the ranks' folders into it)
                     and, under ZeRO-3, its partition of every parameter
     memory.npz      the GCKD memory's queues, target tables and pseudo-ids (numpy, no pickle)
     scheduler.pt    LR-scheduler state
-    state.json      epoch, metric history, world size and ZeRO stage
+    state.json      epoch, metric history, world size and ZeRO stage, and the run's inputs
+                    that are referenced, not copied (``references``): the tokenizer (path
+                    relative to the checkpoint, absolute path, sha256) and the pretrained CLIP
+                    folder (path, sha256), or null when the model was built from scratch
     config.yaml     the full run config
-    tokenizer/      the tokenizer the model was trained with
     manifest-rank000.json ...  per rank, written last: size and sha256 of every file that
                     rank wrote
+
+A checkpoint holds trained state only. The tokenizer is written once per run, in
+``<run.output_dir>/tokenizer/`` (a word vocabulary, or the tokenizer files of a CLIP folder);
+a pretrained folder stays where it is, named by path and sha256 (`folder_sha256`, computed
+once per run on the driver), and a resume refuses a folder whose sha256 differs. Checkpoints
+of format 2 and older carry their own ``tokenizer/`` folder; `checkpoint_tokenizer_dir` finds
+the tokenizer of either kind.
 
 Every torch load is ``weights_only=True``; ZeRO optimizer states hold three small DeepSpeed
 classes, which ``distributed/checkpointing.py`` allow-lists by name for those loads only. Files
@@ -45,8 +54,10 @@ from gckd_ray.errors import InputError
 
 
 MANIFEST = "manifest-rank{rank:03d}.json"
-# state.json "format": 2 = checkpoints with manifests; older ones carry no "format" key.
-CHECKPOINT_FORMAT = 2
+# state.json "format": 2 = checkpoints with manifests (and a tokenizer/ copy); 3 = the tokenizer
+# and the pretrained folder referenced by path and sha256; older ones carry no "format" key.
+CHECKPOINT_FORMAT = 3
+TOKENIZER_DIR = "tokenizer"
 MEMORY_FILE = "memory.npz"
 # The memory bank's size settings: every memory state holds them (and its feature dtype).
 MEMORY_CONFIG_KEYS = ("dim", "queue_size", "num_target_images", "num_target_texts")
@@ -169,6 +180,108 @@ def load_checkpoint_config(directory: str | Path) -> Config:
 def load_model_state(directory: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(require_file(Path(directory), "model.pt"), map_location="cpu",
                       weights_only=True)
+
+
+def folder_sha256(directory: str | Path) -> str:
+    """One sha256 over a folder's files: each file's path (relative, posix) and sha256, in path
+    order. Names starting with "." (``.DS_Store``, ``.cache/``) are left out, so browsing a
+    folder does not change it.
+
+    Raises:
+        FileNotFoundError: ``directory`` is not a folder.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: not a folder")
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        name = path.relative_to(directory).as_posix()
+        if not any(part.startswith(".") for part in name.split("/")):
+            digest.update(f"{name}\0{_sha256(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def folder_reference(directory: str | Path, relative_to: str | Path | None = None
+                     ) -> dict[str, str]:
+    """``{"path", "sha256"}`` of a folder a checkpoint refers to (absolute path); with
+    ``relative_to`` also ``"relative"``: the path from that folder (where the checkpoint will
+    be), so a run folder that moves as a whole still finds it."""
+    directory = Path(directory).resolve()
+    ref = {"path": str(directory), "sha256": folder_sha256(directory)}
+    if relative_to is not None:
+        ref["relative"] = os.path.relpath(directory, Path(relative_to).resolve())
+    return ref
+
+
+def checkpoint_tokenizer_dir(directory: str | Path) -> Path:
+    """The folder of the tokenizer a checkpoint was trained with: its own ``tokenizer/``
+    (format 2 and older), else the run's tokenizer that state.json names (tried at its path
+    relative to the checkpoint, then at its absolute path), checked against its sha256.
+
+    Raises:
+        CheckpointError: no tokenizer found, or the one found differs from the recorded one.
+    """
+    directory = Path(directory)
+    inside = directory / TOKENIZER_DIR
+    if inside.is_dir():
+        return inside
+    ref = _read_json(require_file(directory, "state.json")).get("references", {}).get(
+        "tokenizer")
+    if not ref:
+        raise CheckpointError(f"{directory}: no tokenizer (no {TOKENIZER_DIR}/ folder and no "
+                              "tokenizer reference in state.json)")
+    candidates = [directory / ref["relative"]] if ref.get("relative") else []
+    candidates.append(Path(ref["path"]))
+    found = [c for c in candidates if c.is_dir()]
+    for candidate in found:
+        if folder_sha256(candidate) == ref["sha256"]:
+            return candidate
+    if not found:
+        raise CheckpointError(f"{directory}: its tokenizer folder is missing (looked for "
+                              f"{' and '.join(str(c) for c in candidates)})")
+    raise CheckpointError(f"{found[0]}: not the tokenizer {directory} was trained with "
+                          f"(sha256 {folder_sha256(found[0])}, the checkpoint records "
+                          f"{ref['sha256']})")
+
+
+def check_pretrained(directory: str | Path, state: dict[str, Any],
+                     current: dict[str, str] | None) -> None:
+    """Refuse to resume a checkpoint (``directory``, its state.json ``state``) with another
+    pretrained folder than it was trained from. ``current``: `folder_reference` of this run's
+    ``model.pretrained``, or None. Checkpoints without references (format 2 and older) pass.
+
+    Raises:
+        CheckpointError: naming the folder and both sha256.
+    """
+    references = state.get("references")
+    if references is None:
+        return
+    saved = references.get("pretrained")
+    if saved is None and current is None:
+        return
+    if saved is None or current is None:
+        now = f"model.pretrained={current['path']}" if current else "no model.pretrained"
+        then = f"from {saved['path']}" if saved else "from scratch (no model.pretrained)"
+        raise CheckpointError(f"{directory}: trained {then}; this run has {now}: resume with "
+                              "the model it was trained from, or start a new run")
+    if saved["sha256"] != current["sha256"]:
+        raise CheckpointError(
+            f"model.pretrained {current['path']} has changed since {directory} was saved: "
+            f"its files' sha256 is {current['sha256']}, the checkpoint was trained from "
+            f"sha256 {saved['sha256']} (then at {saved['path']}); restore that folder, or "
+            "start a new run (run.resume=false or another run.output_dir)")
+
+
+def newest_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest ``checkpoint_*`` folder under a Ray Train run folder that has a readable
+    state.json, with that state (no verification: for reading its references before a resume
+    starts), or None."""
+    for candidate in sorted(Path(run_dir).glob("checkpoint_*"), reverse=True):
+        try:
+            return candidate, json.loads((candidate / "state.json").read_bytes())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def write_state(directory: str | Path, state: dict[str, np.ndarray]) -> Path:

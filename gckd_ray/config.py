@@ -219,6 +219,12 @@ class TrainConfig:
     # Worker failures survived by restoring the last checkpoint.
     max_failures: int = option(2, "worker failures survived by restoring the last checkpoint")
     log_every: int = option(20, "steps between progress lines")
+    # Reporting only: nothing is selected on the test split. The last epoch is always scored
+    # (its metrics are results.json's final ones); the label-free target_mnn is scored every
+    # epoch whatever this says (Tune's ASHA ranks trials on it at any epoch).
+    eval_every: int = option(1,
+                             "score the target test split every N epochs and after the last "
+                             "(0 = after the last only); reporting only, never selection")
     # Target training images and captions (each drawn independently, no pairing) encoded after
     # every epoch for the label-free selection criterion target_mnn; 0 = off.
     label_free_samples: int = option(1000,
@@ -374,7 +380,7 @@ class Config:
                     "loss.itc_temperature"):
             _positive(key, get_key(self, key))
         for key in ("run.stop_after_epochs", "train.weight_decay", "train.warmup_epochs",
-                    "train.grad_clip", "train.max_failures",
+                    "train.grad_clip", "train.max_failures", "train.eval_every",
                     "gckd.bridge_margin", "loss.weights.sdm", "loss.weights.itc", "loss.weights.id",
                     "loss.weights.cmkd", "loss.weights.gmp", "loss.weights.itm",
                     "loss.weights.csc", "loss.weights.mnf_triplet", "loss.weights.mnf_l1",

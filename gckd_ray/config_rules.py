@@ -147,6 +147,22 @@ def _lr_warmup_covers_the_run(cfg: Config) -> str | None:
             f"decay); set train.warmup_epochs below train.epochs")
 
 
+def _eval_every_inside_the_run(cfg: Config) -> str | None:
+    if cfg.train.eval_every <= cfg.train.epochs:
+        return None
+    return (f"train.eval_every={cfg.train.eval_every} > train.epochs={cfg.train.epochs}: only "
+            "the final evaluation of the target test split runs (as with train.eval_every=0)")
+
+
+def _oracle_ranking_sees_every_epoch(cfg: Config) -> str | None:
+    if not cfg.tune.oracle_metric or cfg.train.eval_every == 1:
+        return None
+    return (f"tune.oracle_metric ranks trials by target test R1 at every ASHA rung, but "
+            f"train.eval_every={cfg.train.eval_every} scores the test split only on some "
+            "epochs; set train.eval_every=1 (or rank by the label-free target_mnn, scored "
+            "every epoch)")
+
+
 def _swept_keys_can_act(cfg: Config) -> str | None:
     inert = inert_keys(cfg)
     dead = [f"{d.key} ({inert[d.key]})" for d in search_dimensions(cfg) if d.key in inert]
@@ -204,6 +220,10 @@ RULES: tuple[Rule, ...] = (
          "run.stop_after_epochs, train.epochs", _stop_after_covers_the_run),
     Rule("the learning rate warm-up ends inside the run", "warning", ("train", "tune"),
          "train.warmup_epochs, train.epochs", _lr_warmup_covers_the_run),
+    Rule("train.eval_every falls inside the run", "warning", ("train", "tune"),
+         "train.eval_every, train.epochs", _eval_every_inside_the_run),
+    Rule("an oracle-ranked sweep scores every epoch", "error", ("tune",),
+         "tune.oracle_metric, train.eval_every", _oracle_ranking_sees_every_epoch),
 )
 
 

@@ -410,6 +410,40 @@ def rerank_split(encoder, head, split, device: torch.device, images: torch.Tenso
     return retrieval_metrics(sim, split.labels, split.image_labels)
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """The device of ``--device``: ``cpu``, ``cuda`` or ``cuda:N``; None -> ``cuda`` when CUDA
+    is available, else ``cpu``.
+
+    Raises:
+        InputError: not a device name, or a CUDA device this machine does not have.
+    """
+    from gckd_ray.errors import InputError
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name}: not a device (cpu, cuda or cuda:N)")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise InputError(f"--device {name}: CUDA is not available on this machine (torch "
+                             f"{torch.__version__}, no GPU visible); use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise InputError(f"--device {name}: this machine has {count} CUDA device(s) "
+                             f"(cuda:0 to cuda:{count - 1})")
+    return device
+
+
+def add_device_argument(parser) -> None:
+    """``--device`` of the evaluate and search commands."""
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+
+
 def load_encoder(checkpoint: str | Path, cfg, tokenizer):
     """The dual encoder of a training checkpoint (weights loaded with weights_only=True)."""
     from gckd_ray.checkpoint_format import load_model_state
@@ -430,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     from gckd_ray.config import override_config
     from gckd_ray.data.datasets import load_split
     from gckd_ray.data.tokenizer import load_tokenizer
-    from gckd_ray.checkpoint_format import load_checkpoint_config
+    from gckd_ray.checkpoint_format import checkpoint_tokenizer_dir, load_checkpoint_config
     from gckd_ray.errors import InputError, one_line
 
     parser = argparse.ArgumentParser(
@@ -439,19 +473,21 @@ def main(argv: list[str] | None = None) -> int:
                     "target domain (captions query images; a match is the same person id).")
     parser.add_argument("--checkpoint", required=True, help="checkpoint directory of a run")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    add_device_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides on the checkpoint's config, e.g. "
                              "data.target.name=rstpreid data.target.root=/data/RSTPReid")
     args = parser.parse_args(argv)
     try:
+        device = resolve_device(args.device)
         cfg = override_config(load_checkpoint_config(args.checkpoint), args.overrides)
-        tokenizer = load_tokenizer(Path(args.checkpoint) / "tokenizer")
+        tokenizer = load_tokenizer(checkpoint_tokenizer_dir(args.checkpoint))
         split = load_split(cfg, cfg.data.target, args.split, tokenizer, verbose=True)
     except InputError as err:
         print(one_line(err), file=sys.stderr)
         return 2
-    metrics = evaluate_split(load_encoder(args.checkpoint, cfg, tokenizer), split,
-                             torch.device("cpu"))
+    encoder = load_encoder(args.checkpoint, cfg, tokenizer).to(device)
+    metrics = evaluate_split(encoder, split, device)
     print(json.dumps({"split": split.name, **metrics}))
     return 0
 

@@ -1,4 +1,8 @@
-"""``results.json``: the run's final metrics and per-epoch history (DESIGN.md §9)."""
+"""``results.json``: the run's final metrics and per-epoch history (DESIGN.md §9).
+
+History rows of epochs whose target test split was not scored (``train.eval_every``) hold
+their losses (and the label-free ``target_mnn``) but no R1 etc.; the final metrics are those
+of the last scored epoch, which is the last epoch (``final_epoch`` says which)."""
 
 from __future__ import annotations
 
@@ -19,12 +23,21 @@ def results_path(cfg: Config) -> Path:
     return Path(cfg.run.output_dir) / "results.json"
 
 
+def evaluated(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The history rows of epochs whose target test split was scored."""
+    return [row for row in history if all(k in row for k in METRIC_KEYS)]
+
+
 def write_results(cfg: Config, history: list[dict[str, Any]]) -> dict[str, Any]:
-    final = history[-1]
+    scored = evaluated(history)
+    if not scored:
+        raise ValueError("no epoch of the history scored the target test split")
+    final = scored[-1]
     results = {
         "protocol": cfg.protocol,
         "method": cfg.method,
         "selection": SELECTION,
+        "final_epoch": final["epoch"],
         "final": {k: final[k] for k in METRIC_KEYS},
         "phases": phases(cfg, history),
         "history": history,

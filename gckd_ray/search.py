@@ -24,6 +24,7 @@ import torch
 
 from gckd_ray.config import DATASET_NAMES, override_config
 from gckd_ray.errors import InputError, one_line
+from gckd_ray.evaluate import add_device_argument, resolve_device
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="result.png", help="PNG grid of the top images")
     parser.add_argument("--cache", default=None,
                         help="index cache folder (default ~/.cache/gckd_ray/search)")
+    add_device_argument(parser)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="overrides on the checkpoint's config, e.g. "
                              "data.on_bad_record=skip")
@@ -67,7 +69,7 @@ def _search(args) -> int:
     from gckd_ray import gallery as galleries
     from gckd_ray.data.datasets import Captions
     from gckd_ray.data.tokenizer import load_tokenizer
-    from gckd_ray.checkpoint_format import load_checkpoint_config
+    from gckd_ray.checkpoint_format import checkpoint_tokenizer_dir, load_checkpoint_config
     from gckd_ray.evaluate import encode_texts, load_encoder
 
     if args.top < 1:
@@ -76,19 +78,19 @@ def _search(args) -> int:
         raise ValueError("--query-index needs --dataset (captions come from a dataset split)")
     if args.query is not None and not args.query.strip():
         raise ValueError("--query is empty")
+    device = resolve_device(args.device)
     checkpoint, root = Path(args.checkpoint), Path(args.gallery)
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     if not root.is_dir():
         raise FileNotFoundError(f"gallery {root} is not a folder")
     cfg = override_config(load_checkpoint_config(checkpoint), args.overrides)
-    tokenizer = load_tokenizer(checkpoint / "tokenizer")
-    device = torch.device("cpu")
+    tokenizer = load_tokenizer(checkpoint_tokenizer_dir(checkpoint))
     gallery = (galleries.dataset_gallery(cfg, args.dataset, str(root), args.split, tokenizer)
                if args.dataset else
                galleries.folder_gallery(root, (cfg.data.image_height, cfg.data.image_width)))
     text, query_id = _query(args, gallery)
-    encoder = load_encoder(checkpoint, cfg, tokenizer)
+    encoder = load_encoder(checkpoint, cfg, tokenizer).to(device)
 
     index, meta = _index(args, encoder, gallery, device)
     ids, mask, _ = tokenizer.encode([text], cfg.data.text_length)

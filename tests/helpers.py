@@ -48,6 +48,31 @@ def write_tiny_clip_tokenizer(directory: Path, eos_last: bool = True) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
+def write_tiny_clip(directory: Path, image_size: int = 32, text_length: int = 16,
+                    seed: int = 1):
+    """A Hugging Face CLIP folder with random weights (hidden 32, one layer, patch 8,
+    projection 24) and the tiny CLIP tokenizer, as `save_pretrained` writes one; returns the
+    CLIPModel."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+
+    from gckd_ray.data.tokenizer import load_tokenizer
+
+    write_tiny_clip_tokenizer(directory)
+    tok = load_tokenizer(directory)
+    shared = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2)
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=tok.vocab_size, max_position_embeddings=text_length,
+                                   pad_token_id=tok.pad_id, bos_token_id=tok.bos_id,
+                                   eos_token_id=tok.eos_id, **shared),
+        vision_config=CLIPVisionConfig(image_size=image_size, patch_size=8, **shared),
+        projection_dim=24)
+    torch.manual_seed(seed)
+    model = CLIPModel(config)
+    model.save_pretrained(directory)
+    return model
+
+
 def unit(rows: list[list[float]]) -> torch.Tensor:
     """Rows as L2-normalised float64 vectors."""
     return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=-1)
@@ -86,9 +111,11 @@ def run_gloo_ranks(fn: Callable, world: int) -> list:
 
 
 def write_checkpoint(directory: Path, epoch: int = 1, world: int = 2, legacy: bool = False,
-                     model: object = None) -> Path:
+                     model: object = None, references: dict | None = None) -> Path:
     """A checkpoint laid out as `save_checkpoint` writes one: each rank writes its part in its
-    own folder with its manifest last, then the folders are merged (as Ray Train does)."""
+    own folder with its manifest last, then the folders are merged (as Ray Train does).
+    Without ``references`` it carries its own ``tokenizer/`` (format 2 and older); with them
+    (state.json's tokenizer and pretrained references) it names them instead."""
     parts = directory.with_name(directory.name + ".parts")
     for rank in range(world):
         part = parts / str(rank)
@@ -99,11 +126,14 @@ def write_checkpoint(directory: Path, epoch: int = 1, world: int = 2, legacy: bo
             atomic_torch_save({"w": torch.arange(64.0)} if model is None else model,
                               part / "model.pt")
             save_config(Config(), part / "config.yaml")
-            (part / "tokenizer").mkdir()
-            (part / "tokenizer" / "vocab.json").write_text('{"a": 0}')
             meta = {"epoch": epoch, "history": [], "world_size": world, "zero_stage": 0}
+            if references is None:
+                (part / "tokenizer").mkdir()
+                (part / "tokenizer" / "vocab.json").write_text('{"a": 0}')
+            else:
+                meta["references"] = references
             if not legacy:
-                meta["format"] = CHECKPOINT_FORMAT
+                meta["format"] = CHECKPOINT_FORMAT if references is not None else 2
             atomic_write_text(part / "state.json", json.dumps(meta))
         if not legacy:
             write_manifest(part, rank)

@@ -76,6 +76,7 @@ def test_yaml_then_overrides(tmp_path):
     (["train.cpus_per_worker=-1"], "train.cpus_per_worker: must be > 0, got -1.0"),
     (["train.log_every=0"], "train.log_every: must be > 0, got 0"),
     (["run.seed=-1"], "run.seed: must be >= 0, got -1"),
+    (["train.eval_every=-1"], "train.eval_every: must be >= 0, got -1"),
     (["data.text_length=1"], "data.text_length: must be >= 2 (bos and eos tokens), got 1"),
     (["gckd.pseudo_threshold=1.5"], "gckd.pseudo_threshold: must be in [-1, 1] (a cosine)"),
     (["train.batch_size=[64]"], "train.batch_size: expected int, got list"),

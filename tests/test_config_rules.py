@@ -46,6 +46,9 @@ def _stderr_line(capsys) -> str:
                  "tune.search_space={train.lr: {grid: [0.001, 0.002]}}"],
      "config error: tune.num_samples=3 with a grid-only search space runs each of its 2 "
      "points 3 times with the same run.seed: identical deterministic trials"),
+    (tune_main, ["--oracle-metric", "train.epochs=12", "train.eval_every=2"],
+     "config error: tune.oracle_metric ranks trials by target test R1 at every ASHA rung, but "
+     "train.eval_every=2 scores the test split only on some epochs; set train.eval_every=1"),
 ])
 def test_contradictions_stop_the_command_with_one_line_before_anything_is_written(
         main, args, message, tmp_path, capsys):
@@ -90,6 +93,10 @@ def test_the_cli_stops_without_starting_ray():
     (("train.warmup_epochs=30",), "train",
      "train.warmup_epochs=30 >= train.epochs=30: the learning rate never leaves its linear "
      "warm-up"),
+    (("train.eval_every=31",), "train",
+     "train.eval_every=31 > train.epochs=30: only the final evaluation of the target test "
+     "split runs (as with train.eval_every=0)"),
+    (("train.eval_every=31",), "tune", "train.eval_every=31 > train.epochs=30"),
 ])
 def test_inert_settings_warn_with_one_line_each(overrides, command, expected, capsys):
     warnings = config_rules.enforce(_cfg(*overrides), command)
@@ -99,6 +106,9 @@ def test_inert_settings_warn_with_one_line_each(overrides, command, expected, ca
 
 def test_a_valid_short_run_and_every_shipped_config_pass():
     assert config_rules.check(_cfg("train.epochs=2", "gckd.warmup_epochs=1"), "train") == ([], [])
+    for every in (0, 1, 30):  # 0 = the last epoch only; 30 = the last epoch too: no warning
+        assert config_rules.check(_cfg(f"train.eval_every={every}"), "train") == ([], [])
+    assert config_rules.check(_cfg("tune.oracle_metric=true"), "tune") == ([], [])
     assert config_rules.check(_cfg(), "train") == ([], [])
     assert config_rules.check(_cfg(), "tune") == ([], [])  # the default sweep can act
     for path in sorted((ROOT / "experiments" / "configs").glob("*.yaml")):

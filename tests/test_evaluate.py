@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from gckd_ray.evaluate import (mutual_nn_agreement, retrieval_metrics,
+from gckd_ray.errors import InputError
+from gckd_ray.evaluate import (main, mutual_nn_agreement, resolve_device, retrieval_metrics,
                                retrieval_metrics_from_embeddings)
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
@@ -247,3 +248,31 @@ def test_rerank_with_zero_weight_keeps_the_ranking(synth_cache, tiny_config):
                            5, 100.0)
     # re-ranking only reorders each query's top 5 among themselves: R5 and R10 cannot move
     assert boosted["R5"] == plain["R5"] and boosted["R10"] == plain["R10"]
+
+
+def test_device_defaults_to_cuda_when_available_and_refuses_what_is_not_there(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device(None) == torch.device("cpu")
+    with pytest.raises(InputError, match="--device cuda: CUDA is not available on this "
+                                         "machine .*; use --device cpu"):
+        resolve_device("cuda")
+    with pytest.raises(InputError, match="--device tpu: not a device"):
+        resolve_device("tpu")
+    with pytest.raises(InputError, match="--device mps: not a device"):
+        resolve_device("mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(None) == torch.device("cuda")
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(InputError, match="--device cuda:2: this machine has 2 CUDA device"):
+        resolve_device("cuda:2")
+
+
+def test_evaluate_refuses_an_unavailable_cuda_device_in_one_line(tmp_path, capsys,
+                                                                 monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--checkpoint", str(tmp_path), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("input error: --device cuda: CUDA is not available on this machine")
+    assert err.count("\n") == 1

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from gckd_ray.config import load_config
-from gckd_ray.results import phases
+from gckd_ray.results import METRIC_KEYS, format_table, phases, write_results
 
 
 def _cfg(*overrides: str):
@@ -20,3 +24,23 @@ def test_phases_say_what_ran():
         "adaptation": {"epochs": 2, "losses": ["itc", "id", "cmkd", "gmp", "itm"]}}
     assert phases(_cfg("method=source_only"), history[:1]) == {
         "source": {"epochs": 1, "losses": ["itc", "id"]}}
+
+
+def test_epochs_without_a_test_evaluation_keep_their_losses_and_the_last_scored_is_final(
+        tmp_path):
+    cfg = _cfg("method=source_only", "train.epochs=3", "train.eval_every=2",
+               f"run.output_dir={tmp_path}")
+    scores = {k: 10.0 for k in METRIC_KEYS}
+    history = [{"epoch": 1, "itc": 1.0, "loss": 1.0, "target_mnn": 5.0},
+               {"epoch": 2, "itc": 0.9, "loss": 0.9, "target_mnn": 6.0, **scores},
+               {"epoch": 3, "itc": 0.8, "loss": 0.8, "target_mnn": 7.0,
+                **{k: 20.0 for k in METRIC_KEYS}}]
+    results = write_results(cfg, history)
+    assert results["final"] == {k: 20.0 for k in METRIC_KEYS} and results["final_epoch"] == 3
+    assert results["history"] == history and results["phases"]["source"]["epochs"] == 3
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert "20.00" in format_table(results)
+    # A run stopped early (run.stop_after_epochs) reports the last epoch it scored.
+    assert write_results(cfg, history[:2])["final_epoch"] == 2
+    with pytest.raises(ValueError, match="no epoch of the history scored the target test"):
+        write_results(cfg, history[:1])

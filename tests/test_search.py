@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gckd_ray.checkpoint_format import load_checkpoint_config
+from gckd_ray.checkpoint_format import checkpoint_tokenizer_dir, load_checkpoint_config
 from gckd_ray.config import DomainConfig
 from gckd_ray.data.datasets import load_split
 from gckd_ray.data.tokenizer import load_tokenizer
@@ -58,7 +58,7 @@ def test_dataset_gallery_ranks_as_evaluation_and_caches_the_index(checkpoint, ta
             "--dataset", "synth-icfg", "--split", "test", "--cache", str(tmp_path / "cache")]
     out_png = tmp_path / "result.png"
     assert search_main([*args, "--query-index", str(QUERY_INDEX), "--top", "5",
-                        "--out", str(out_png)]) == 0
+                        "--out", str(out_png), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "index built" in out and "(person id " in out
     ranked = _ranked(out)
@@ -69,7 +69,7 @@ def test_dataset_gallery_ranks_as_evaluation_and_caches_the_index(checkpoint, ta
 
     # The same query through evaluation's embedding and ranking (ties: lower gallery index).
     cfg = load_checkpoint_config(checkpoint)
-    tokenizer = load_tokenizer(checkpoint / "tokenizer")
+    tokenizer = load_tokenizer(checkpoint_tokenizer_dir(checkpoint))
     split = load_split(cfg, DomainConfig(name="synth-icfg", root=str(target_root)), "test",
                        tokenizer)
     images, texts = encode_split(load_encoder(checkpoint, cfg, tokenizer), split,
@@ -129,3 +129,12 @@ def test_clear_errors(checkpoint, target_root, tmp_path, capsys):
                         "--out", str(tmp_path / "x.png"), "--cache", str(tmp_path)]) == 2
     assert "--query-index must be in [0, " in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_an_unavailable_cuda_device_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert search_main(["--checkpoint", str(tmp_path), "--gallery", str(tmp_path), "--query",
+                        "a man", "--device", "cuda", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("input error: --device cuda: CUDA is not available on this machine")
+    assert err.count("\n") == 1 and not (tmp_path / "x.png").exists()

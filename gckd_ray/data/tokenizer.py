@@ -28,6 +28,9 @@ WORD_VOCAB_FILE = "word_vocab.json"
 _WORD_FORMAT = "gckd_ray.word_tokenizer"
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _CLIP_FILES = ("tokenizer.json", "vocab.json")
+# Every file of a Hugging Face CLIP folder that its tokenizer reads (never the weights).
+CLIP_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                        "special_tokens_map.json", "added_tokens.json")
 
 
 @runtime_checkable
@@ -192,6 +195,30 @@ class CLIPBPETokenizer:
     def save(self, directory: str | Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.hf.save_pretrained(str(directory))
+
+
+def copy_tokenizer_files(source: str | Path, destination: str | Path) -> list[str]:
+    """Copy the files of the tokenizer in ``source`` into ``destination`` and return their
+    names: ``word_vocab.json``, or the `CLIP_TOKENIZER_FILES` a Hugging Face CLIP folder has
+    (never its weights or model config).
+
+    Raises:
+        FileNotFoundError: ``source`` holds no tokenizer.
+    """
+    import shutil
+
+    source, destination = Path(source), Path(destination)
+    if (source / WORD_VOCAB_FILE).is_file():
+        names = [WORD_VOCAB_FILE]
+    else:
+        names = [n for n in CLIP_TOKENIZER_FILES if (source / n).is_file()]
+        if not any(n in names for n in _CLIP_FILES):
+            raise FileNotFoundError(f"{source}: no tokenizer files (expected {WORD_VOCAB_FILE}, "
+                                    f"or CLIP tokenizer files {' / '.join(_CLIP_FILES)})")
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copyfile(source / name, destination / name)
+    return names
 
 
 def load_tokenizer(directory: str | Path) -> Tokenizer:

@@ -1,8 +1,9 @@
 """Checkpoints of a DeepSpeed-trained run through Ray Train: each rank writes its part of a
 checkpoint from its DeepSpeed engine (full model, optimizer and ZeRO-3 parameter partitions, LR
-schedule, trainer state, config, tokenizer, GCKD memory), a resumed run restores the engine from
-one, and `usable_checkpoint` picks the newest checkpoint of the run that verifies. The directory
-layout, manifests, checksums, atomic writes and the Ray-free loaders are the file format in
+schedule, trainer state, config, GCKD memory; the tokenizer and a pretrained folder are only
+referenced, by path and sha256), a resumed run restores the engine from one, and
+`usable_checkpoint` picks the newest checkpoint of the run that verifies. The directory layout,
+manifests, checksums, atomic writes and the Ray-free loaders are the file format in
 `gckd_ray.checkpoint_format`.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import posixpath
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from gckd_ray.checkpoint_format import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save,
-                                        atomic_write_text, load_model_state, require_file,
-                                        verify_checkpoint, write_manifest, write_state)
+                                        atomic_write_text, check_pretrained, load_model_state,
+                                        require_file, verify_checkpoint, write_manifest,
+                                        write_state)
 from gckd_ray.config import Config, save_config
 from gckd_ray.model.collectives import rank_and_world
 
@@ -93,12 +94,14 @@ def _shard_state(engine, extras: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_checkpoint(directory: str | Path, *, engine, scheduler: Any, state: dict[str, Any],
-                    cfg: Config, tokenizer_dir: str | Path, rank: int,
+                    cfg: Config, references: dict[str, Any], rank: int,
                     extras: dict[str, Any], memory: dict[str, np.ndarray] | None) -> None:
     """Write this rank's part of a checkpoint into ``directory`` (every rank calls it).
 
-    ``extras``: this rank's tensors to restore on resume (RNG states, the EMA's fp32 masters);
-    ``memory``: the GCKD memory's state (rank 0), or None."""
+    ``references``: ``{"tokenizer": ..., "pretrained": ... or None}``, the run's inputs that
+    the checkpoint names instead of copying (`checkpoint_format.folder_reference`, computed
+    once per run by the driver); ``extras``: this rank's tensors to restore on resume (RNG
+    states, the EMA's fp32 masters); ``memory``: the GCKD memory's state (rank 0), or None."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     full = full_state_dict(engine)
@@ -110,9 +113,8 @@ def save_checkpoint(directory: str | Path, *, engine, scheduler: Any, state: dic
         atomic_torch_save(full, directory / "model.pt")
         atomic_torch_save(scheduler.state_dict(), directory / "scheduler.pt")
         save_config(cfg, directory / "config.yaml")
-        shutil.copytree(tokenizer_dir, directory / "tokenizer", dirs_exist_ok=True)
         meta = {**state, "world_size": world, "zero_stage": _zero_stage(engine),
-                "format": CHECKPOINT_FORMAT}
+                "format": CHECKPOINT_FORMAT, "references": references}
         atomic_write_text(directory / "state.json", json.dumps(meta, indent=1))
     # Last: a rank's part of the checkpoint verifies only once all of it is written.
     write_manifest(directory, rank)
@@ -128,12 +130,15 @@ def _load_shard(path: Path) -> dict[str, Any]:
 
 
 def load_training_state(directory: str | Path, engine, scheduler: Any, rank: int,
-                        world: int) -> tuple[dict[str, Any], dict[str, Any]]:
+                        world: int, pretrained: dict[str, str] | None = None
+                        ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model, optimizer (this rank's partition) and LR schedule in place; return the
     trainer state and this rank's ``extras``. The run must have the world size and ZeRO stage
-    it was saved with."""
+    it was saved with, and the pretrained folder (``pretrained``: its path and sha256, None
+    for a model built from scratch) it was trained from (CheckpointError otherwise)."""
     directory = Path(directory)
     state = json.loads(require_file(directory, "state.json").read_text())
+    check_pretrained(directory, state, pretrained)
     stage = _zero_stage(engine)
     saved = (state.get("world_size"), state.get("zero_stage"))
     if saved != (world, stage):

@@ -1,37 +1,76 @@
-"""Driver side of a training run: prepare data and tokenizer, start the Ray Train job.
+"""Driver side of a training run: prepare data and tokenizer, start the Ray Train job, write
+the final model.
 
-Runs in the driver process only. Data preparation (SynthPEDES generation, tokenizer build)
-happens here once, before any worker starts, so workers never race to create them.
+Runs in the driver process only. Data preparation (SynthPEDES generation, the run's tokenizer,
+the pretrained folder's sha256) happens here once, before any worker starts, so workers never
+race to create them; a resume that would continue from another pretrained folder or tokenizer
+is refused here, before Ray starts.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from gckd_ray.config import Config
+from gckd_ray.checkpoint_format import (TOKENIZER_DIR, CheckpointError, check_pretrained,
+                                        folder_reference, folder_sha256, newest_checkpoint)
+from gckd_ray.config import Config, ConfigError
 from gckd_ray.data.datasets import (check_batches_fit, labelled_domain, load_records,
                                     target_pairs)
 from gckd_ray.data.formats import Record
-from gckd_ray.data.tokenizer import WordTokenizer
+from gckd_ray.data.tokenizer import WordTokenizer, copy_tokenizer_files
 from gckd_ray.data.vocab_bridge import bridge_words
 from gckd_ray.distributed.memory import MemoryClient, memory_actor_name
 from gckd_ray.distributed.metrics_log import ConsoleTail
 from gckd_ray.distributed.runtime import (check_placement, init_ray, process_group_backend,
                                           process_group_listen_host)
 from gckd_ray.model.encoders import embedding_dim
+from gckd_ray.model.final_model import FINAL_MODEL_DIR, export_final_model
 from gckd_ray.results import format_table, results_path, write_results
 
 
-def prepare_tokenizer(cfg: Config, target_train: list[Record]) -> str:
-    """A local CLIP folder brings its BPE; otherwise build a word vocabulary from the training
-    captions of both domains (captions only: no ids, no pairing), with GCKD's lexical bridge
-    for the target-only words."""
-    if cfg.model.pretrained:
-        return cfg.model.pretrained
+def prepare_tokenizer(cfg: Config, target_train: list[Record], expected: str | None = None
+                      ) -> Path:
+    """Write the run's tokenizer once, to ``<run.output_dir>/tokenizer/``, and return it: a
+    local CLIP folder's tokenizer files (its weights stay where they are), or else a word
+    vocabulary built from the training captions of both domains (captions only: no ids, no
+    pairing), with GCKD's lexical bridge for the target-only words.
+
+    ``expected``: the sha256 of the tokenizer a resumed checkpoint was trained with; a
+    tokenizer that differs is refused (CheckpointError) before it replaces the run's."""
+    out = Path(cfg.run.output_dir) / TOKENIZER_DIR
+    tmp = out.with_name(f".{out.name}-{secrets.token_hex(3)}")
+    try:
+        if cfg.model.pretrained:
+            try:
+                copy_tokenizer_files(cfg.model.pretrained, tmp)
+            except FileNotFoundError as err:
+                raise ConfigError(f"model.pretrained: {err}") from None
+        else:
+            _word_tokenizer(cfg, target_train).save(tmp)
+        sha = folder_sha256(tmp)
+        if expected is not None and sha != expected:
+            raise CheckpointError(
+                f"the tokenizer built for this run (sha256 {sha}) differs from the one the "
+                f"checkpoint to resume was trained with (sha256 {expected}, in {out}): the "
+                "training captions or model.pretrained changed; resume with the same data, "
+                "or start a new run (run.resume=false or another run.output_dir)")
+        if not (out.is_dir() and folder_sha256(out) == sha):
+            old = out.with_name(f".{out.name}-old-{secrets.token_hex(3)}")
+            if out.exists():
+                out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _word_tokenizer(cfg: Config, target_train: list[Record]) -> WordTokenizer:
     source = [r.caption for r in load_records(cfg, cfg.data.source, "train").records]
     target = [r.caption for r in target_train]
     aliases = {}
@@ -40,9 +79,30 @@ def prepare_tokenizer(cfg: Config, target_train: list[Record]) -> str:
         shown = ", ".join(f"{word}->{alias}" for word, alias in sorted(aliases.items()))
         print(f"vocabulary bridge: {len(aliases)} target-only words aliased to source words "
               f"({shown or 'none'})", flush=True)
-    out = Path(cfg.run.output_dir) / "tokenizer"
-    WordTokenizer.build(source + target, aliases=aliases).save(out)
-    return str(out)
+    return WordTokenizer.build(source + target, aliases=aliases)
+
+
+def pretrained_reference(cfg: Config) -> dict[str, str] | None:
+    """Path and sha256 of ``model.pretrained`` (hashed once per run, here), or None."""
+    if not cfg.model.pretrained:
+        return None
+    try:
+        return folder_reference(cfg.model.pretrained)
+    except FileNotFoundError:
+        raise ConfigError(f"model.pretrained: {cfg.model.pretrained} is not a folder (a local "
+                          "Hugging Face CLIP folder)") from None
+
+
+def check_resume(cfg: Config, run_dir: Path, pretrained: dict[str, str] | None) -> str | None:
+    """Before any worker starts: refuse to resume the run in ``run_dir`` from another
+    pretrained folder than its newest checkpoint was trained from (CheckpointError). Returns
+    the sha256 of the tokenizer that checkpoint recorded (None: nothing to compare)."""
+    found = newest_checkpoint(run_dir) if cfg.run.resume else None
+    if found is None:
+        return None
+    directory, state = found
+    check_pretrained(directory, state, pretrained)
+    return ((state.get("references") or {}).get("tokenizer") or {}).get("sha256")
 
 
 def start_memory(cfg: Config, run_name: str, records: list[Record]) -> MemoryClient:
@@ -94,12 +154,21 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     check_batches_fit(cfg, labelled)
     output = Path(cfg.run.output_dir)
     output.mkdir(parents=True, exist_ok=True)
+    storage = output / "ray"
+    run_name = _run_name(cfg, storage)
+    pretrained = pretrained_reference(cfg)
+    resumed_tokenizer = check_resume(cfg, storage / run_name, pretrained)
     print(start_line(cfg), flush=True)
     target = load_records(cfg, cfg.data.target, "train")
     for records in {id(r): r for r in (labelled, target) if r.records}.values():
         print(records.summary(), flush=True)
     target_train = target.records
-    tokenizer_dir = prepare_tokenizer(cfg, target_train)
+    tokenizer_dir = prepare_tokenizer(cfg, target_train, expected=resumed_tokenizer)
+    # Checkpoints name the tokenizer relative to where Ray Train puts them, so a run folder
+    # moved as a whole keeps working.
+    references = {"tokenizer": folder_reference(tokenizer_dir,
+                                                 relative_to=storage / run_name / "checkpoint"),
+                  "pretrained": pretrained}
     init_ray(verbose=cfg.run.verbose)
     check_placement(cfg.train)
     from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
@@ -109,9 +178,8 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     from gckd_ray.distributed.process_group import BoundStoreTorchConfig
     from gckd_ray.distributed.worker import train_loop_per_worker
 
-    storage = output / "ray"
-    run_name = _run_name(cfg, storage)
-    loop_config = {"cfg": cfg.to_dict(), "tokenizer_dir": str(Path(tokenizer_dir).resolve())}
+    loop_config = {"cfg": cfg.to_dict(), "tokenizer_dir": str(tokenizer_dir.resolve()),
+                   "references": references}
     memory = None
     if cfg.method == "gckd":
         memory = start_memory(cfg, run_name, target_train)
@@ -145,9 +213,15 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
             memory.shutdown()
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint under {storage}")
+    final_model = None
     with result.checkpoint.as_directory() as ckpt_dir:
         state = json.loads((Path(ckpt_dir) / "state.json").read_text())
+        if state["epoch"] >= cfg.train.epochs:  # the whole schedule ran: the student, once
+            final_model = export_final_model(ckpt_dir, output / FINAL_MODEL_DIR,
+                                             info={"epochs": state["epoch"]})
     results = write_results(cfg, state["history"])
     print(format_table(results), flush=True)
     print(f"results: {results_path(cfg)}\ncheckpoint: {result.checkpoint.path}", flush=True)
+    if final_model is not None:
+        print(f"final model (Hugging Face CLIP folder): {final_model}", flush=True)
     return results

@@ -8,10 +8,12 @@ next to the printed progress line)::
      "lr": <learning rate>, "steps_per_s": ..., "samples_per_s": <source pairs, all workers>}
 
 after each epoch's target evaluation ``{"kind": "eval", "step", "epoch", "metrics":
-{"R1", "R5", "R10", "mAP", "mINP", ...}}``, after which ``curves.png`` is redrawn (from the
-train and eval records), and with ``method=gckd`` after each target pseudo-id refresh of the
-memory ``{"kind": "refresh", "step": <steps done before it>, "epoch", "num_clusters",
-"image_coverage", "text_coverage", "mean_cluster_size", "num_nodes", "num_edges", "seconds"}``
+{"R1", "R5", "R10", "mAP", "mINP", ..., "target_mnn"}}`` (the test split's metrics only on
+the epochs ``train.eval_every`` scores; ``target_mnn`` every epoch; no record when an epoch
+scored nothing), after which ``curves.png`` is redrawn (from the train and eval records), and
+with ``method=gckd`` after each target pseudo-id refresh of the memory ``{"kind": "refresh",
+"step": <steps done before it>, "epoch", "num_clusters", "image_coverage", "text_coverage",
+"mean_cluster_size", "num_nodes", "num_edges", "seconds"}``
 (``MemoryBank.refresh_pseudo_ids``). Steps count the epoch loop's batches (micro-batches under
 gradient accumulation) from the start of the run.
 

@@ -3,8 +3,9 @@
 Reads like single-process PyTorch: Ray appears only in ``get_context``, ``get_checkpoint`` and
 ``report``; the model is a DeepSpeed engine (ZeRO stage from ``deepspeed.zero_stage``) in the
 process group Ray Train created. One epoch = identity-balanced passes over the labelled
-split; after each epoch the target test split is encoded (sharded over workers, gathered),
-scored, and a checkpoint (carrying the metric history) is reported.
+split; after each epoch the label-free criterion ``target_mnn`` is scored, every
+``train.eval_every`` epochs (and after the last) the target test split is encoded (sharded
+over workers, gathered) and scored, and a checkpoint (carrying the metric history) is reported.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def _lr_lambda(cfg: Config, steps_per_epoch: int):
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     quiet_input_error_tracebacks()
     cfg = config_from_dict(loop_config["cfg"])
-    tokenizer_dir = loop_config["tokenizer_dir"]
+    tokenizer_dir, references = loop_config["tokenizer_dir"], loop_config["references"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
@@ -80,7 +81,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with usable_checkpoint(checkpoint, log=rank == 0) as ckpt_dir:  # verified
-            state, extras = load_training_state(ckpt_dir, model, scheduler, rank, world)
+            state, extras = load_training_state(ckpt_dir, model, scheduler, rank, world,
+                                                pretrained=references["pretrained"])
             memory_state = load_memory_state(ckpt_dir) if rank == 0 and gckd else None
         torch.set_rng_state(extras["torch_rng"])
         augment.load_state_dict({"generator": extras["augment_rng"]})
@@ -102,10 +104,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     first_epoch = state["epoch"]
     for epoch in range(first_epoch, cfg.train.epochs):
         losses = run_epoch(model, scheduler, method, epoch, cfg, log)
-        metrics = evaluate_target(unwrap(model), test_split, device, cfg, selection)
+        stopping = _stops_after(cfg, epoch, first_epoch)
+        metrics = evaluate_target(unwrap(model), test_split, device, cfg, selection,
+                                  test=stopping or evaluates_test(cfg, epoch + 1))
         state = {"epoch": epoch + 1,
                  "history": state["history"] + [{"epoch": epoch + 1, **losses, **metrics}]}
-        if log is not None:
+        if log is not None and metrics:
             log.evaluation(epoch + 1, metrics, test_split.name)
         if gckd and rank == 0:
             memory.autosave()  # the memory restarts from here if its actor dies
@@ -114,12 +118,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if gckd:  # the teacher's fp32 EMA masters: per rank (shard-shaped under ZeRO-3)
             extras["ema"] = unwrap(model).ema_state.state_dict()
         memory_state = memory.state() if gckd and rank == 0 else None
-        _report(cfg, model, scheduler, state, tokenizer_dir, rank, extras, memory_state)
-        if cfg.run.stop_after_epochs and epoch + 1 - first_epoch >= cfg.run.stop_after_epochs:
+        _report(cfg, model, scheduler, state, references, rank, extras, memory_state)
+        if stopping:
             if log is not None:
                 log.note(epoch + 1, f"stopping after {cfg.run.stop_after_epochs} epoch(s) as "
                                     "configured; continue with run.resume=true")
             break
+
+
+def evaluates_test(cfg: Config, epoch: int) -> bool:
+    """Whether the target test split is scored after ``epoch`` (1-based): every
+    ``train.eval_every`` epochs (0: none but the last) and always after the last epoch, whose
+    metrics are the run's final ones. Reporting only: nothing is selected on them."""
+    every = cfg.train.eval_every
+    return epoch >= cfg.train.epochs or (every > 0 and epoch % every == 0)
+
+
+def _stops_after(cfg: Config, epoch: int, first_epoch: int) -> bool:
+    """Whether this invocation stops after ``epoch`` (0-based) on ``run.stop_after_epochs``
+    (its metrics then stand as the run's final ones until it resumes: scored in full)."""
+    return bool(cfg.run.stop_after_epochs) and \
+        epoch + 1 - first_epoch >= cfg.run.stop_after_epochs
 
 
 def _label_free_set(cfg: Config, tokenizer) -> UnpairedTarget | None:
@@ -132,29 +151,34 @@ def _label_free_set(cfg: Config, tokenizer) -> UnpairedTarget | None:
 
 
 def evaluate_target(module, split: PairedSplit, device: torch.device, cfg: Config,
-                    selection: UnpairedTarget | None = None) -> dict[str, float]:
-    """Target test metrics; with a matching head, also ``rerank_*`` (reported separately).
-    The split is encoded once for both. ``target_mnn``, the label-free criterion, scores
-    ``selection`` (target training data without ids or pairing), never the test split."""
-    images, texts = encode_split(module.encoder, split, device)
-    metrics = retrieval_metrics_from_embeddings(texts, images, split.labels, split.image_labels)
+                    selection: UnpairedTarget | None = None, test: bool = True
+                    ) -> dict[str, float]:
+    """Target test metrics (``test``); with a matching head, also ``rerank_*`` (reported
+    separately). The split is encoded once for both. ``target_mnn``, the label-free criterion,
+    scores ``selection`` (target training data without ids or pairing), never the test split;
+    it is scored every epoch, test or not (Tune's ASHA ranks trials on it at any epoch)."""
+    metrics: dict[str, float] = {}
+    if test:
+        images, texts = encode_split(module.encoder, split, device)
+        metrics = retrieval_metrics_from_embeddings(texts, images, split.labels,
+                                                    split.image_labels)
     if selection is not None:
         sel_images, sel_texts = encode_split(module.encoder, selection, device)
         metrics["target_mnn"] = mutual_nn_agreement(sel_texts, sel_images)
     head = getattr(module, "matching", None)
-    if head is not None and cfg.matching.rerank_top_k > 0:
+    if test and head is not None and cfg.matching.rerank_top_k > 0:
         reranked = rerank_split(module.encoder, head, split, device, images, texts,
                                 cfg.matching.rerank_top_k, cfg.matching.rerank_weight)
         metrics.update({f"rerank_{k}": reranked[k] for k in ("R1", "R5", "R10", "mAP", "mINP")})
     return metrics
 
 
-def _report(cfg, engine, scheduler, state, tokenizer_dir, rank, extras, memory_state) -> None:
+def _report(cfg, engine, scheduler, state, references, rank, extras, memory_state) -> None:
     """Every rank writes its part (optimizer partition; ZeRO-3 parameter partition) into its
     own folder; Ray Train merges the ranks' folders into one checkpoint."""
     metrics = dict(state["history"][-1])
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp), engine=engine, scheduler=scheduler, state=state, cfg=cfg,
-                        tokenizer_dir=tokenizer_dir, rank=rank, extras=extras,
+                        references=references, rank=rank, extras=extras,
                         memory=memory_state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -15,9 +15,15 @@ Two details differ from calling ``CLIPModel`` as is:
 
 ``logit_scale`` of CLIPModel is frozen: temperatures are fixed in the loss config, and a
 trainable parameter that receives no gradient breaks DDP.
+
+A run's ``final_model/`` folder (model/final_model.py) is a CLIP folder like any other; its
+square position table is the trained grid resampled, so beside it ``gckd_ray.safetensors``
+keeps the trained grid's table, which `build_dual_encoder` uses when the image size matches.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -182,6 +188,28 @@ class DualEncoder(nn.Module):
         return self.encode_image(pixel_values), self.encode_text(input_ids, attention_mask)
 
 
+# Beside a final_model/ folder's weights: what CLIPModel cannot hold (model/final_model.py).
+FINAL_MODEL_EXTRAS = "gckd_ray.safetensors"
+GRID_TABLE = "vision_position_embedding"
+
+
+def _load_trained_grid(encoder: DualEncoder, folder: str | Path) -> None:
+    """Replace the resampled position table by the trained one that a final_model/ folder
+    keeps in ``FINAL_MODEL_EXTRAS``, when it was trained on this grid (else keep the resample)."""
+    from safetensors import safe_open
+
+    path = Path(folder) / FINAL_MODEL_EXTRAS
+    if not path.is_file():
+        return
+    embeddings = encoder.clip.vision_model.embeddings
+    with safe_open(str(path), framework="pt") as f:
+        if (f.metadata() or {}).get("grid") != "x".join(map(str, embeddings.grid)):
+            return
+        table = f.get_tensor(GRID_TABLE)
+    with torch.no_grad():
+        embeddings.position_embedding.weight.copy_(table)
+
+
 def tiny_clip_config(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int,
                      eos_id: int, text_length: int, image_size: tuple[int, int]) -> CLIPConfig:
     """A small random-init CLIP config from ``cfg`` (4x MLP, one position per text token)."""
@@ -208,8 +236,9 @@ def embedding_dim(cfg: ModelConfig) -> int:
 def build_dual_encoder(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id: int,
                        eos_id: int, text_length: int, image_size: tuple[int, int]
                        ) -> DualEncoder:
-    """``cfg.pretrained`` set: CLIP from that local folder (never downloads); else a tiny
-    random CLIP sized by ``cfg``. Token ids come from the tokenizer the model will read."""
+    """``cfg.pretrained`` set: CLIP from that local folder (never downloads; a run's
+    final_model/ folder with its trained position grid); else a tiny random CLIP sized by
+    ``cfg``. Token ids come from the tokenizer the model will read."""
     if cfg.pretrained:
         clip = CLIPModel.from_pretrained(cfg.pretrained, local_files_only=True,
                                          attn_implementation="sdpa")
@@ -222,4 +251,7 @@ def build_dual_encoder(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id
         config = tiny_clip_config(cfg, vocab_size=vocab_size, pad_id=pad_id, bos_id=bos_id,
                                   eos_id=eos_id, text_length=text_length, image_size=image_size)
         clip = CLIPModel._from_config(config, attn_implementation="sdpa")
-    return DualEncoder(clip, eos_id=eos_id, text_length=text_length, image_size=image_size)
+    encoder = DualEncoder(clip, eos_id=eos_id, text_length=text_length, image_size=image_size)
+    if cfg.pretrained:
+        _load_trained_grid(encoder, cfg.pretrained)
+    return encoder

@@ -139,3 +139,17 @@ def test_data_loading_smoke(synth_cache, tmp_path):
             assert pipeline[mode]["images_per_s"] > 0, (name, mode)
             assert 0 < pipeline[mode]["wait_share"] < 1, (name, mode)
     assert result["torch_threads"] == 1  # as a Ray Train worker with train.cpus_per_worker=1
+
+
+def test_checkpoint_size_smoke_compares_the_old_and_the_lean_checkpoint(capsys):
+    from benchmarks import checkpoint_size
+
+    result = checkpoint_size.main(["--smoke", "--repeats", "1"])
+    before, after = result["checkpoint_bytes"]["before"], result["checkpoint_bytes"]["after"]
+    # the old layout carried the pretrained folder on top (state.json's references and the
+    # manifest's entries differ by a few hundred bytes)
+    assert before - after > 0.9 * result["pretrained_folder_bytes"]
+    assert "tokenizer" not in result["checkpoint_files_after"]
+    assert set(result["checkpoint_files_after"]) >= {"model.pt", "rank000.pt", "state.json"}
+    assert result["once_per_run"]["final_model_bytes"] > 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result

@@ -12,7 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import write_tiny_clip_tokenizer
 from gckd_ray.data.tokenizer import (  # noqa: E402
-    WORD_VOCAB_FILE, CLIPBPETokenizer, Tokenizer, WordTokenizer, load_tokenizer, split_words)
+    WORD_VOCAB_FILE, CLIPBPETokenizer, Tokenizer, WordTokenizer, copy_tokenizer_files,
+    load_tokenizer, split_words)
 
 CAPTIONS = [
     "A man in a red coat.",
@@ -153,3 +154,20 @@ def test_word_tokenizer_ids_make_hf_clip_pool_at_eos():
     assert (ids[torch.arange(3), eos_pos] == tok.eos_id).all()
     expected = out.last_hidden_state[torch.arange(3), eos_pos]
     torch.testing.assert_close(out.pooler_output, expected)
+
+
+def test_copy_tokenizer_files_takes_the_tokenizer_and_never_the_weights(tmp_path):
+    clip = tmp_path / "clip"
+    write_tiny_clip_tokenizer(clip)
+    (clip / "model.safetensors").write_bytes(b"weights")
+    (clip / "config.json").write_text("{}")
+    (clip / "tokenizer_config.json").write_text("{}")
+    assert copy_tokenizer_files(clip, tmp_path / "tok") == [
+        "vocab.json", "merges.txt", "tokenizer_config.json"]
+    assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == [
+        "merges.txt", "tokenizer_config.json", "vocab.json"]
+    assert isinstance(load_tokenizer(tmp_path / "tok"), CLIPBPETokenizer)
+    WordTokenizer.build(CAPTIONS).save(tmp_path / "words")
+    assert copy_tokenizer_files(tmp_path / "words", tmp_path / "w2") == [WORD_VOCAB_FILE]
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        copy_tokenizer_files(tmp_path / "w2" / "missing", tmp_path / "w3")

@@ -1,7 +1,8 @@
 """Resuming from a Ray Train checkpoint: a resume falls back to the newest earlier checkpoint
 of the run that verifies, and fails listing every reason when none does; a rank's extras (the
-EMA's fp32 masters) come back. (The file format itself: test_checkpoint_format; real
-checkpoints of real runs: test_zero, test_train.)"""
+EMA's fp32 masters) come back; a checkpoint holds trained state only (tokenizer and pretrained
+folder named by path and sha256) and refuses a changed pretrained folder. (The file format
+itself: test_checkpoint_format; real checkpoints of real runs: test_zero, test_train.)"""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,7 +12,8 @@ import torch
 from ray.train import Checkpoint
 from torch import nn
 
-from gckd_ray.checkpoint_format import CheckpointError, verify_checkpoint
+from gckd_ray.checkpoint_format import (CheckpointError, checkpoint_tokenizer_dir,
+                                        folder_reference, folder_sha256, verify_checkpoint)
 from gckd_ray.config import Config
 from gckd_ray.distributed.checkpointing import (load_training_state, save_checkpoint,
                                                usable_checkpoint)
@@ -57,6 +59,57 @@ def test_usable_checkpoint_fails_when_none_verifies(tmp_path):
                               f"manifest-rank000.json)")
 
 
+def _references(tmp_path: Path, pretrained: Path | None = None) -> dict:
+    tokenizer = tmp_path / "run" / "tokenizer"
+    tokenizer.mkdir(parents=True, exist_ok=True)
+    (tokenizer / "word_vocab.json").write_text('{"a": 0}')
+    return {"tokenizer": folder_reference(tokenizer, relative_to=tmp_path / "ckpt"),
+            "pretrained": None if pretrained is None else folder_reference(pretrained)}
+
+
+def _linear_engine():
+    module = nn.Linear(4, 3)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
+    module(torch.randn(2, 4)).sum().backward()
+    optimizer.step()  # Adam moments exist: the optimizer state a checkpoint carries
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return SimpleNamespace(module=module, optimizer=optimizer,
+                           zero_optimization_stage=lambda: 0), scheduler
+
+
+def test_a_checkpoint_holds_trained_state_and_names_the_tokenizer_and_pretrained_folder(
+        tmp_path):
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "model.safetensors").write_bytes(b"w" * 100_000)  # stands in for 600 MB
+    (clip / "vocab.json").write_text('{"a": 0}')
+    engine, scheduler = _linear_engine()
+    references = _references(tmp_path, pretrained=clip)
+    save_checkpoint(tmp_path / "ckpt", engine=engine, scheduler=scheduler,
+                    state={"epoch": 1, "history": []}, cfg=Config(), references=references,
+                    rank=0, extras={}, memory=None)
+    ckpt = tmp_path / "ckpt"
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "config.yaml", "manifest-rank000.json", "model.pt", "rank000.pt", "scheduler.pt",
+        "state.json"]  # no tokenizer/, no copy of the pretrained folder
+    assert sum(p.stat().st_size for p in ckpt.iterdir()) < 100_000
+    state = verify_checkpoint(ckpt)
+    assert state["format"] == 3 and state["references"] == references
+    assert checkpoint_tokenizer_dir(ckpt).resolve() == (tmp_path / "run" / "tokenizer").resolve()
+
+    # Resuming from the same folder works; from a changed one is refused, naming both hashes.
+    resumed, scheduler = _linear_engine()
+    load_training_state(ckpt, resumed, scheduler, 0, 1, pretrained=folder_reference(clip))
+    assert torch.equal(resumed.module.weight, engine.module.weight)
+    (clip / "model.safetensors").write_bytes(b"v" * 100_000)
+    with pytest.raises(CheckpointError, match=f"model.pretrained {clip} has changed since "
+                                              f"{ckpt} was saved: its files' sha256 is "
+                                              f"{folder_sha256(clip)}, the checkpoint was "
+                                              f"trained from sha256 "
+                                              f"{references['pretrained']['sha256']}"):
+        load_training_state(ckpt, resumed, scheduler, 0, 1, pretrained=folder_reference(clip))
+
+
 def test_extras_bring_back_the_teachers_fp32_ema_masters(tmp_path):
     """A rank's extras as the worker builds them (RNG state, the EMA's fp32 masters of a bf16
     teacher) come back from load_training_state (read with weights_only) bit for bit, and the
@@ -70,12 +123,10 @@ def test_extras_bring_back_the_teachers_fp32_ema_masters(tmp_path):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     engine = SimpleNamespace(module=teacher, optimizer=optimizer,  # a ZeRO-0 engine's surface
                              zero_optimization_stage=lambda: 0)
-    (tmp_path / "tokenizer").mkdir()
-    (tmp_path / "tokenizer" / "vocab.json").write_text('{"a": 0}')
     extras = {"torch_rng": torch.get_rng_state(), "ema": state.state_dict()}
     save_checkpoint(tmp_path / "ckpt", engine=engine, scheduler=scheduler,
                     state={"epoch": 1, "history": []}, cfg=Config(),
-                    tokenizer_dir=tmp_path / "tokenizer", rank=0, extras=extras, memory=None)
+                    references=_references(tmp_path), rank=0, extras=extras, memory=None)
     resumed = make_teacher(student)
     _, back = load_training_state(tmp_path / "ckpt", SimpleNamespace(
         module=resumed, optimizer=optimizer, zero_optimization_stage=lambda: 0), scheduler, 0, 1)
