@@ -133,16 +133,14 @@ def start_line(cfg: Config) -> str:
 
 
 def _run_name(cfg: Config, storage: Path) -> str:
-    """A fresh name per run; ``run.resume`` reuses the last one so Ray Train restores it."""
+    """A fresh name per run; ``run.resume`` reuses the last one so Ray Train restores it.
+    Nothing is written: ``run_training`` records it once the workers can be placed."""
     latest = storage / "LATEST"
     if cfg.run.resume and latest.is_file():
         return latest.read_text().strip()
     # The suffix keeps runs started in the same second (Tune trials) and their memory actors
     # apart.
-    name = time.strftime("train-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
-    storage.mkdir(parents=True, exist_ok=True)
-    latest.write_text(name)
-    return name
+    return time.strftime("train-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
 def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
@@ -171,6 +169,8 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
                   "pretrained": pretrained}
     init_ray(verbose=cfg.run.verbose)
     check_placement(cfg.train)
+    storage.mkdir(parents=True, exist_ok=True)
+    (storage / "LATEST").write_text(run_name)
     from ray.train import (CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
                            ScalingConfig, TrainingFailedError)
 

@@ -91,7 +91,8 @@ class MetricsLog:
 
     def note(self, epoch: int, text: str) -> None:
         """A line for the console (resumed, stopped early) after ``epoch`` (1-based) epochs."""
-        self._append({"kind": "note", "epoch": epoch, "text": text, "time": time.time()})
+        self._append({"kind": "note", "step": epoch * self.steps_per_epoch, "epoch": epoch,
+                      "text": text, "time": time.time()})
 
     def refresh(self, epoch: int, step: int, stats: dict[str, float]) -> None:
         """Append what a pseudo-id refresh did, read before step ``step`` of ``epoch`` (both
