@@ -138,9 +138,12 @@ def test_stop_and_resume_continues_exactly(tiny_config, zero3_stopped, zero3_who
     # metrics.jsonl holds each step once, the same steps as the uninterrupted run's.
     records, uninterrupted = (read_records(d / "metrics.jsonl") for d in (split_dir,
                                                                            zero3_whole[0]))
-    steps = [(r["kind"], r["step"]) for r in records]
+    # (notes are console lines, not steps: the stop and the resume each leave one)
+    steps = [(r["kind"], r["step"]) for r in records if r["kind"] != "note"]
     assert len(steps) == len(set(steps)) and steps == [(r["kind"], r["step"])
                                                        for r in uninterrupted]
+    assert [r["text"].split(" ")[0] for r in records if r["kind"] == "note"] == [
+        "stopping", "resumed"]
     assert [r["epoch"] for r in records if r["kind"] == "eval"] == [1, 2]
 
 
