@@ -42,6 +42,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -55,6 +56,7 @@ import torch.nn.functional as F
 
 from experiments import clip_bpe
 from experiments.standin_corpus import CORPUS_VERSION, make_item
+from gckd_ray.checkpoint_format import file_sha256
 from gckd_ray.errors import InputError, one_line
 
 FORMAT = "gckd_ray.standin"
@@ -298,14 +300,6 @@ def heldout_retrieval(model, buckets: dict[tuple[int, int], Bucket]) -> dict[str
 # ---------------------------------------------------------------- folder, manifest, cache
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_folder(folder: Path, settings: StandinSettings) -> str | None:
     """None when ``folder`` is a complete stand-in built with ``settings``, else the reason."""
     try:
@@ -462,6 +456,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # A terminated build (a job's time limit) unwinds like Ctrl-C: the temporary folder goes.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     settings = StandinSettings(**{f.name: getattr(args, f.name)
                                   for f in dataclasses.fields(StandinSettings)})
     out: Path = args.out

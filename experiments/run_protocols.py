@@ -68,9 +68,10 @@ def load_recorded(paths: list[str]) -> dict[tuple[str, str, int], dict]:
 
 
 def run_all(protocols, variants, seeds, root: Path, extra, jobs: int,
-            recorded: dict | None = None) -> dict:
-    """``{protocol: {variant: [results.json per seed]}}``; ``jobs`` runs at a time. A run with
-    no results.json under ``root`` but a ``recorded`` final is not rerun."""
+            recorded: dict | None = None, config: str = "") -> dict:
+    """``{protocol: {variant: [results.json per seed]}}``; ``jobs`` runs at a time, each from
+    the YAML ``config`` if given. A run with no results.json under ``root`` but a
+    ``recorded`` final is not rerun."""
     recorded = recorded or {}
     tasks = [(p, v, s) for p in protocols for v in variants for s in seeds]
     lock, last_start = threading.Lock(), [0.0]
@@ -85,7 +86,7 @@ def run_all(protocols, variants, seeds, root: Path, extra, jobs: int,
         folder = root / protocol
         folder.mkdir(parents=True, exist_ok=True)
         return run_one(variant, seed, folder, [*protocol_overrides(protocol), *extra],
-                       recorded.get(task), stagger)
+                       recorded.get(task), stagger, config=config)
 
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         results = list(pool.map(one, tasks))
@@ -105,11 +106,12 @@ def _cell(runs: list[dict], metric: str) -> str:
     return f"{mean:.2f}" if len(runs) == 1 else f"{mean:.2f} ± {std:.2f}"  # no std of one run
 
 
-def markdown(table: dict, seeds, extra) -> str:
+def markdown(table: dict, seeds, extra, config: str = "") -> str:
     runs = [r for variants in table.values() for seed_runs in variants.values() for r in seed_runs]
     selection = next((r["selection"] for r in runs if "selection" in r), SELECTION)
     lines = [f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}), mean ± std of the final model; "
-             f"selection: {selection}. Overrides: `{' '.join(extra) or '(none)'}`.",
+             f"selection: {selection}. Config: `{config or '(defaults)'}`; overrides: "
+             f"`{' '.join(extra) or '(none)'}`.",
              *reused_note(runs), "",
              "| protocol | variant | " + " | ".join(METRICS) + " |",
              "|---" * (len(METRICS) + 2) + "|"]
@@ -248,12 +250,12 @@ def main(argv: list[str] | None = None) -> int:
                                "earlier protocols JSON: their (protocol, variant, seed)")
     for protocol in args.protocols:
         refuse_contradictions(parser, args.variants, [*protocol_overrides(protocol),
-                                                      *args.overrides])
+                                                      *args.overrides], args.config)
     table = run_all(args.protocols, args.variants, args.seeds, Path(args.runs), args.overrides,
-                    args.jobs, load_recorded(args.recorded))
+                    args.jobs, load_recorded(args.recorded), args.config)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = markdown(table, args.seeds, args.overrides)
+    text = markdown(table, args.seeds, args.overrides, args.config)
     out.write_text(text)
     out.with_suffix(".json").write_text(json.dumps(
         {p: {v: [{"seed": s, **r["final"]} for s, r in zip(args.seeds, runs)]

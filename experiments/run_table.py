@@ -56,10 +56,11 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 
 
 def run_one(variant: str, seed: int, root: Path, extra: list[str], recorded: dict | None = None,
-            before_start=lambda: None) -> dict:
+            before_start=lambda: None, config: str = "") -> dict:
     """The results of ``root/<variant>-seed<seed>``: the finished run there, else ``recorded``
-    (a final an earlier table recorded), else a new ``python -m gckd_ray.train`` run, started
-    after ``before_start()`` returns."""
+    (a final an earlier table recorded), else a new ``python -m gckd_ray.train`` run (from the
+    YAML ``config`` if given, then the variant's and the ``extra`` overrides), started after
+    ``before_start()`` returns."""
     out = root / f"{variant}-seed{seed}"
     results = out / "results.json"
     if results.is_file():
@@ -67,8 +68,8 @@ def run_one(variant: str, seed: int, root: Path, extra: list[str], recorded: dic
     if recorded is not None:
         return recorded
     before_start()
-    cmd = [sys.executable, "-m", "gckd_ray.train", *VARIANTS[variant], f"run.seed={seed}",
-           f"run.output_dir={out}", *extra]
+    cmd = [sys.executable, "-m", "gckd_ray.train", *(["--config", config] if config else []),
+           *VARIANTS[variant], f"run.seed={seed}", f"run.output_dir={out}", *extra]
     print(f"[{time.strftime('%H:%M:%S')}] {variant} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     with open(root / f"{variant}-seed{seed}.log", "w") as log:
@@ -103,25 +104,30 @@ def reused_note(runs: list[dict]) -> list[str]:
 
 
 def parse_with_recorded(parser: argparse.ArgumentParser, argv, what: str) -> argparse.Namespace:
-    """Add ``--recorded`` and the trailing overrides, parse, and refuse what cannot be reused."""
+    """Add ``--config``, ``--recorded`` and the trailing overrides, parse, and refuse what
+    cannot be reused."""
+    parser.add_argument("--config", default="",
+                        help="YAML every run starts from (e.g. experiments/configs/"
+                             "pretrained.yaml); the variant's overrides apply on top")
     parser.add_argument("--recorded", nargs="*", default=[], metavar="JSON",
                         help=f"{what} finals are reused instead of rerun (only without overrides)")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
-    if args.recorded and args.overrides:
-        parser.error("--recorded finals were measured without overrides")
+    if args.recorded and (args.overrides or args.config):
+        parser.error("--recorded finals were measured without --config or overrides")
     if missing := [path for path in args.recorded if not Path(path).is_file()]:
         parser.error(f"--recorded: no such file: {', '.join(missing)}")
     return args
 
 
 def refuse_contradictions(parser: argparse.ArgumentParser, variants: list[str],
-                          overrides: list[str]) -> None:
+                          overrides: list[str], config: str = "") -> None:
     """Stop before any run starts when a variant's config breaks a cross-key rule (the same
     check each ``python -m gckd_ray.train`` run would fail on, once per run)."""
     for variant in variants:
         try:
-            errors, _ = check(load_config(None, [*VARIANTS[variant], *overrides]), "train")
+            errors, _ = check(load_config(config or None, [*VARIANTS[variant], *overrides]),
+                              "train")
         except InputError as err:
             errors = [str(err)]
         if errors:
@@ -143,13 +149,13 @@ def _target_setting(variant: str) -> str:
     return "paired, no ids" if "data.target.paired=true" in overrides else "unpaired, no ids"
 
 
-def markdown(summary, rows, extra: list[str]) -> str:
+def markdown(summary, rows, extra: list[str], config: str = "") -> str:
     run = next((r for runs in rows.values() for r in runs if "protocol" in r),
                {"protocol": "as recorded", "selection": SELECTION})
     selection, protocol = run["selection"], run["protocol"]
     lines = [f"Protocol `{protocol}`, {len(next(iter(rows.values())))} seeds, mean ± std of the "
              f"final model; selection: {selection}.",
-             f"Overrides: `{' '.join(extra) or '(none)'}`."]
+             f"Config: `{config or '(defaults)'}`; overrides: `{' '.join(extra) or '(none)'}`."]
     lines += reused_note([r for runs in rows.values() for r in runs])
     lines += ["",
              "| variant | target training data | " + " | ".join(METRICS) + " |",
@@ -168,15 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default="runs/table", help="folder for the runs")
     parser.add_argument("--out", default="experiments/results/table.md")
     args = parse_with_recorded(parser, argv, "earlier tables' JSON: their (variant, seed)")
-    refuse_contradictions(parser, args.variants, args.overrides)
+    refuse_contradictions(parser, args.variants, args.overrides, args.config)
     root = Path(args.runs)
     root.mkdir(parents=True, exist_ok=True)
     recorded = load_recorded(args.recorded)
 
-    rows = {v: [run_one(v, s, root, args.overrides, recorded.get((v, s))) for s in args.seeds]
-            for v in args.variants}
+    rows = {v: [run_one(v, s, root, args.overrides, recorded.get((v, s)), config=args.config)
+                for s in args.seeds] for v in args.variants}
     summary = summarise(rows)
-    text = markdown(summary, rows, args.overrides)
+    text = markdown(summary, rows, args.overrides, args.config)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

@@ -91,7 +91,8 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, f)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -107,7 +108,7 @@ def write_manifest(directory: str | Path, rank: int) -> Path:
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         name = path.relative_to(directory).as_posix()
         if not (name.startswith("manifest-rank") or name.endswith(".tmp")):
-            files[name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            files[name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     out = directory / MANIFEST.format(rank=rank)
     atomic_write_text(out, json.dumps({"rank": rank, "files": files}, indent=1))
     return out
@@ -147,7 +148,7 @@ def _verify_file(directory: Path, manifest: str, name: str, entry: dict[str, Any
     if size != entry["size"]:
         raise CheckpointError(f"{path}: truncated or overwritten ({size} bytes, {manifest} "
                               f"lists {entry['size']})")
-    if _sha256(path) != entry["sha256"]:
+    if file_sha256(path) != entry["sha256"]:
         raise CheckpointError(f"{path}: corrupted (its sha256 differs from the one in {manifest})")
 
 
@@ -197,7 +198,7 @@ def folder_sha256(directory: str | Path) -> str:
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
         name = path.relative_to(directory).as_posix()
         if not any(part.startswith(".") for part in name.split("/")):
-            digest.update(f"{name}\0{_sha256(path)}\n".encode())
+            digest.update(f"{name}\0{file_sha256(path)}\n".encode())
     return digest.hexdigest()
 
 

@@ -26,6 +26,7 @@ DISTILL_MODES = ("cmkd", "mnf_csc", "none")
 STRONG_VIEWS = ("student", "both", "none")
 DATASET_NAMES = ("cuhk-pedes", "icfg-pedes", "rstpreid", "synth-cuhk", "synth-icfg", "synth-rstp")
 BAD_RECORD_POLICIES = ("error", "skip")
+EPOCH_UNITS = ("identities", "captions")
 
 
 _SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
@@ -71,6 +72,10 @@ class DataConfig:
     synth_scale: float = option(1.0, "multiplies SynthPEDES identity counts")
     cache_images: bool = option(True,
                                 "decode every image once into memory (off for large real datasets)")
+    # IRRA erases a random rectangle (2-40% of the image, aspect 0.3-3.3) with the mean pixel
+    # in half the training images; 0 keeps the from-scratch default's augmentation stream.
+    random_erasing: float = option(0.0, "probability that a training image gets one random "
+                                        "rectangle erased to the mean pixel (IRRA: 0.5)")
 
 
 @dataclass
@@ -205,12 +210,24 @@ class MatchingConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = option(30, "epochs (one epoch: every source identity once per worker group)")
+    epochs: int = option(30, "epochs (one epoch: see train.epoch_unit)")
+    # identities: each identity once with instances_per_id captions (the from-scratch default,
+    # fast epochs); captions: every training caption once (IRRA's epoch), still in
+    # identity-balanced batches. On CUHK-PEDES an identity epoch is 22k of 68k captions.
+    epoch_unit: str = option("identities",
+                             "what one epoch covers: identities (each once, instances_per_id "
+                             "captions) or captions (every training caption once, IRRA)")
     # Pairs per worker per step; identity-balanced: batch_size / instances_per_id identities.
     batch_size: int = option(64, "source pairs (and target images/captions) per worker per step")
     instances_per_id: int = option(2, "captions per identity in a source batch")
     lr: float = option(2e-3, "AdamW peak learning rate (linear warm-up, cosine decay)")
     weight_decay: float = option(0.02, "AdamW weight decay")
+    # IRRA trains the CLIP towers at lr and the modules it adds at 5 x lr: fresh heads need
+    # larger steps than pretrained weights can take. Pretrained = the CLIP model's parameters
+    # (model.encoder.clip); new = everything else (ID classifier, propagation, matching, MNF).
+    new_module_lr_scale: float = option(1.0, "learning rate of the modules added to CLIP (ID "
+                                             "classifier, graph, matching, MNF) as a multiple of "
+                                             "train.lr (IRRA: 5)")
     warmup_epochs: float = option(1.0, "epochs of linear learning-rate warm-up")
     grad_clip: float = option(1.0, "global gradient-norm clip (0 = off)")
     num_workers: int = option(2, "Ray Train workers (data-parallel ranks)")
@@ -349,6 +366,7 @@ class Config:
         _one_of("data.on_bad_record", self.data.on_bad_record, BAD_RECORD_POLICIES)
         _one_of("distill.mode", self.distill.mode, DISTILL_MODES)
         _one_of("gckd.strong_views", self.gckd.strong_views, STRONG_VIEWS)
+        _one_of("train.epoch_unit", self.train.epoch_unit, EPOCH_UNITS)
         for key in ("data.image_height", "data.image_width", "data.text_length", "train.epochs",
                     "train.batch_size", "train.instances_per_id", "train.num_workers",
                     "model.embed_dim", "model.hidden_size", "model.num_layers", "model.num_heads",
@@ -377,7 +395,7 @@ class Config:
         if self.method == "gckd":
             _check_step_sizes(self)
         for key in ("train.lr", "train.cpus_per_worker", "data.synth_scale", "loss.sdm_temperature",
-                    "loss.itc_temperature"):
+                    "loss.itc_temperature", "train.new_module_lr_scale"):
             _positive(key, get_key(self, key))
         for key in ("run.stop_after_epochs", "train.weight_decay", "train.warmup_epochs",
                     "train.grad_clip", "train.max_failures", "train.eval_every",
@@ -445,6 +463,9 @@ def _check_other_ranges(cfg: Config) -> None:
     if cfg.data.text_length < 2:
         raise ConfigError(f"data.text_length: must be >= 2 (bos and eos tokens), got "
                           f"{cfg.data.text_length}")
+    if not 0 <= cfg.data.random_erasing <= 1:
+        raise ConfigError(f"data.random_erasing: must be in [0, 1] (a probability), got "
+                          f"{cfg.data.random_erasing}")
     if not -1 <= cfg.gckd.pseudo_threshold <= 1:
         raise ConfigError(f"gckd.pseudo_threshold: must be in [-1, 1] (a cosine), got "
                           f"{cfg.gckd.pseudo_threshold}")

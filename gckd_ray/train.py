@@ -15,6 +15,7 @@ use_loopback_if_local()  # before anything imports ray
 from gckd_ray.config import help_epilog, load_config  # noqa: E402
 from gckd_ray.config_rules import enforce as enforce_rules  # noqa: E402
 from gckd_ray.errors import run_command  # noqa: E402
+from gckd_ray.model.pretrained_folder import check_pretrained_folder  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +41,7 @@ def _train(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, [*args.overrides, *(["run.verbose=true"] if args.verbose
                                                          else [])])
     enforce_rules(cfg, "train")  # before Ray starts and before anything is written
+    check_pretrained_folder(cfg)
     from gckd_ray.distributed.launcher import run_training
 
     run_training(cfg)  # fails early on unplaceable workers and on bad data

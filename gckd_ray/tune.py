@@ -17,6 +17,7 @@ use_loopback_if_local()  # before anything imports ray
 
 from gckd_ray.config import help_epilog, load_config, override_config  # noqa: E402
 from gckd_ray.config_rules import enforce as enforce_rules  # noqa: E402
+from gckd_ray.model.pretrained_folder import check_pretrained_folder  # noqa: E402
 from gckd_ray.errors import run_command  # noqa: E402
 
 
@@ -56,6 +57,7 @@ def _tune(args: argparse.Namespace) -> None:
         flags.append("run.verbose=true")
     cfg = override_config(cfg, flags).with_absolute_paths()
     enforce_rules(cfg, "tune")  # before Ray starts and before anything is written
+    check_pretrained_folder(cfg)
     from gckd_ray.distributed.sweep import run_sweep
 
     run_sweep(cfg, resume=args.resume)

@@ -207,41 +207,72 @@ def _epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 
 
 class IdentityBalancedSampler:
-    """Batches of ``batch_size // instances`` identities x ``instances`` captions each.
+    """Batches of ``batch_size // instances`` distinct identities x ``instances`` captions each.
 
-    Every identity appears once per epoch; identities with fewer captions than ``instances``
-    are sampled with replacement. Batches are dealt round-robin to ranks and trimmed so every
-    rank gets the same number of steps (collectives stay in lockstep).
+    ``unit="identities"``: an epoch takes every identity once, ``instances`` of its captions
+    (drawn with replacement when it has fewer). ``unit="captions"`` (IRRA's epoch): every
+    caption once; each identity's shuffled captions are cut into groups of ``instances`` (the
+    last one topped up from the same identity) and a batch takes one group from each of
+    ``batch_size // instances`` identities drawn in proportion to their remaining groups, so
+    the identities drain together; when fewer remain than a batch needs, a fresh pass of groups
+    is added (an epoch stays a fixed number of steps). Batches are dealt round-robin to ranks
+    and trimmed so every rank gets the same number of steps (collectives stay in lockstep).
     """
 
     def __init__(self, labels: torch.Tensor, batch_size: int, instances: int, seed: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, unit: str = "identities"):
         self.batch_size, self.instances, self.seed = batch_size, instances, seed
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.unit = rank, world_size, unit
         order = torch.argsort(labels, stable=True)
         counts = torch.bincount(labels)
         self._members = torch.split(order, counts.tolist())
-        ids_per_batch = batch_size // instances
-        self.steps_per_epoch = len(self._members) // ids_per_batch // world_size
-        if self.steps_per_epoch == 0:
+        self.ids_per_batch = batch_size // instances
+        if len(self._members) < self.ids_per_batch * world_size:
             raise ValueError(f"{len(self._members)} identities cannot fill one batch of "
-                             f"{ids_per_batch} identities on each of {world_size} workers")
+                             f"{self.ids_per_batch} identities on each of {world_size} workers")
+        groups = (len(self._members) if unit == "identities"
+                  else sum(-(-len(m) // instances) for m in self._members))
+        self.steps_per_epoch = groups // self.ids_per_batch // world_size
 
     def epoch(self, epoch: int) -> list[torch.Tensor]:
         gen = _epoch_generator(self.seed, epoch, 0)
-        ids = torch.randperm(len(self._members), generator=gen)
-        picks = []
-        for pid in ids.tolist():
-            members = self._members[pid]
-            if len(members) >= self.instances:
-                chosen = members[torch.randperm(len(members), generator=gen)[: self.instances]]
-            else:
-                chosen = members[torch.randint(len(members), (self.instances,), generator=gen)]
-            picks.append(chosen)
-        flat = torch.cat(picks)
-        batches = list(flat.split(self.batch_size))
         usable = self.steps_per_epoch * self.world_size
+        if self.unit == "captions":
+            batches = self._caption_batches(gen, usable)
+        else:
+            ids = torch.randperm(len(self._members), generator=gen)
+            flat = torch.cat([self._pick(self._members[pid], gen) for pid in ids.tolist()])
+            batches = list(flat.split(self.batch_size))
         return batches[self.rank:usable:self.world_size]
+
+    def _pick(self, members: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        if len(members) >= self.instances:
+            return members[torch.randperm(len(members), generator=gen)[: self.instances]]
+        return members[torch.randint(len(members), (self.instances,), generator=gen)]
+
+    def _groups(self, members: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        """One identity's captions, shuffled, in groups of ``instances`` (the last topped up)."""
+        shuffled = members[torch.randperm(len(members), generator=gen)]
+        short = -len(shuffled) % self.instances
+        if short:
+            extra = members[torch.randint(len(members), (short,), generator=gen)]
+            shuffled = torch.cat([shuffled, extra])
+        return list(shuffled.split(self.instances))
+
+    def _caption_batches(self, gen: torch.Generator, count: int) -> list[torch.Tensor]:
+        pending: list[list[torch.Tensor]] = [[] for _ in self._members]
+        remaining = torch.zeros(len(self._members), dtype=torch.float64)  # groups per identity
+        batches = []
+        while len(batches) < count:
+            if int((remaining > 0).sum()) < self.ids_per_batch:  # a fresh pass of groups
+                for pid, members in enumerate(self._members):
+                    pending[pid].extend(self._groups(members, gen))
+                remaining = torch.tensor([len(p) for p in pending], dtype=torch.float64)
+            ids = torch.multinomial(remaining, self.ids_per_batch, replacement=False,
+                                    generator=gen)
+            remaining[ids] -= 1
+            batches.append(torch.cat([pending[pid].pop(0) for pid in ids.tolist()]))
+        return batches
 
 
 class UnpairedStreams:

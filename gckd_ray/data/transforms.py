@@ -7,8 +7,10 @@ CLIP-normalised float32 last. Training = ``normalize(augment(batch))``; evaluati
 ``eval_transform(batch)``.
 
 Augmentation follows IRRA's training transform: random horizontal flip (p=0.5), zero padding
-(10 px at IRRA's 384x128, scaled with the image height), random crop back to (H, W). IRRA's
-random erasing is not included.
+(10 px at IRRA's 384x128, scaled with the image height), random crop back to (H, W), then,
+with probability ``erase_prob`` (``data.random_erasing``; IRRA 0.5), one random rectangle of
+2-40% of the image with aspect 0.3-3.3 set to the mean pixel (IRRA erases the normalised image
+with value 0, which is the same pixel).
 
 :meth:`TrainAugment.strong` is the student's view in GCKD's adaptation phase (the teacher keeps
 the plain view): a random zoom with independent horizontal and vertical scale (person shape and
@@ -29,6 +31,8 @@ import torch.nn.functional as F
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_ERASE_AREA = (0.02, 0.4)     # IRRA's RandomErasing(scale=(0.02, 0.4)), torchvision's ratio
+_ERASE_RATIO = (0.3, 1 / 0.3)
 
 
 def pil_to_uint8(img: PIL.Image.Image, size: tuple[int, int]) -> torch.Tensor:
@@ -73,13 +77,17 @@ class TrainAugment:
         padding: zero padding before the random crop, in pixels; ``None`` = IRRA's 10 px at a
             384-pixel height, scaled to the batch's height (at least 1 px).
         flip_prob: probability of a horizontal flip.
+        erase_prob: probability of random erasing per image (0: no draws are made for it, so
+            the augmentation stream is the same as without the option).
     """
 
-    def __init__(self, seed: int = 0, padding: int | None = None, flip_prob: float = 0.5):
+    def __init__(self, seed: int = 0, padding: int | None = None, flip_prob: float = 0.5,
+                 erase_prob: float = 0.0):
         if padding is not None and padding < 0:
             raise ValueError(f"padding must be >= 0, got {padding}")
         self.padding = padding
         self.flip_prob = flip_prob
+        self.erase_prob = erase_prob
         self.generator = torch.Generator().manual_seed(seed)
 
     def pad_for(self, height: int) -> int:
@@ -102,14 +110,44 @@ class TrainAugment:
         flip, top, left = torch.stack([flip.long(), top, left]).to(device).unbind(0)
         flip = flip.bool()
         out = torch.where(flip.view(b, 1, 1, 1), images.flip(-1), images)
-        if pad == 0:
-            return out
+        if pad > 0:
+            out = self._crop(out, pad, top, left)
+        return self.erase(out) if self.erase_prob > 0 else out
+
+    def _crop(self, out: torch.Tensor, pad: int, top: torch.Tensor, left: torch.Tensor
+              ) -> torch.Tensor:
+        b, _, h, w = out.shape
+        device = out.device
         padded = torch.nn.functional.pad(out, (pad, pad, pad, pad))  # (B, 3, H+2p, W+2p), zeros
         rows = top.view(b, 1) + torch.arange(h, device=device)  # (B, H)
         cols = left.view(b, 1) + torch.arange(w, device=device)  # (B, W)
         batch = torch.arange(b, device=device).view(b, 1, 1)
         crop = padded.permute(0, 2, 3, 1)[batch, rows.view(b, h, 1), cols.view(b, 1, w)]
         return crop.permute(0, 3, 1, 2).contiguous()  # (B, H, W, 3) -> (B, 3, H, W)
+
+    def erase(self, images: torch.Tensor) -> torch.Tensor:
+        """Random erasing of (B, 3, H, W) uint8 images: each, with probability
+        ``erase_prob``, gets one rectangle (area 2-40%, aspect 0.3-3.3, clipped to the image)
+        set to the CLIP mean pixel. Draws come from this object's generator."""
+        b, _, h, w = images.shape
+        u = torch.rand(b, 5, generator=self.generator)  # (B, 5): apply, area, ratio, top, left
+        area = (_ERASE_AREA[0] + (_ERASE_AREA[1] - _ERASE_AREA[0]) * u[:, 1]) * h * w
+        lo, hi = math.log(_ERASE_RATIO[0]), math.log(_ERASE_RATIO[1])
+        log_ratio = lo + (hi - lo) * u[:, 2]
+        eh = (area * log_ratio.exp()).sqrt().round().clamp(1, h)  # (B,) rectangle height
+        ew = (area / log_ratio.exp()).sqrt().round().clamp(1, w)
+        top = ((h - eh + 1) * u[:, 3]).floor().clamp(max=h - 1)
+        left = ((w - ew + 1) * u[:, 4]).floor().clamp(max=w - 1)
+        device = images.device
+        rows = torch.arange(h).view(1, h)
+        cols = torch.arange(w).view(1, w)
+        inside_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])  # (B, H)
+        inside_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])  # (B, W)
+        mask = (u[:, 0] < self.erase_prob).view(b, 1, 1) & inside_rows[:, :, None] & \
+            inside_cols[:, None, :]  # (B, H, W)
+        mean = torch.tensor([round(255 * m) for m in CLIP_MEAN], dtype=torch.uint8)
+        mask, mean = mask.to(device), mean.to(device)
+        return torch.where(mask[:, None], mean.view(1, 3, 1, 1), images)
 
     def strong(self, images: torch.Tensor, zoom: tuple[float, float] = (0.8, 1.25),
                hue_degrees: float = 8.0, saturation: tuple[float, float] = (0.85, 1.1),

@@ -67,6 +67,22 @@ def deepspeed_config(cfg: Config, use_bf16: bool) -> dict[str, Any]:
     return merge_dicts(config, user)
 
 
+def param_groups(module: torch.nn.Module, lr: float, new_module_scale: float) -> list[dict]:
+    """AdamW groups: the CLIP model's parameters (``encoder.clip``: pretrained when
+    ``model.pretrained`` is set) at ``lr``, the modules added around it at
+    ``lr * new_module_scale`` (IRRA's recipe). One group when the scale is 1.
+
+    The learning-rate schedule multiplies each group's own ``lr``, so the ratio holds
+    through warm-up and decay."""
+    trainable = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    if new_module_scale == 1:
+        return [{"params": [p for _, p in trainable], "lr": lr}]
+    clip = [p for name, p in trainable if name.startswith("encoder.clip.")]
+    new = [p for name, p in trainable if not name.startswith("encoder.clip.")]
+    groups = [{"params": clip, "lr": lr}, {"params": new, "lr": lr * new_module_scale}]
+    return [g for g in groups if g["params"]]  # ZeRO cannot flatten an empty group
+
+
 def build_engine(module: torch.nn.Module, cfg: Config, lr_lambda, on_gpu: bool):
     """The student's engine inside the process group Ray Train created (``on_gpu``: bf16
     weights on CUDA; else fp32 on CPU).
@@ -79,8 +95,8 @@ def build_engine(module: torch.nn.Module, cfg: Config, lr_lambda, on_gpu: bool):
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if on_gpu else "cpu")
     import deepspeed
 
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(module, cfg.train.lr, cfg.train.new_module_lr_scale),
+                                  lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler,

@@ -2,8 +2,8 @@
 
 Reads like single-process PyTorch: Ray appears only in ``get_context``, ``get_checkpoint`` and
 ``report``; the model is a DeepSpeed engine (ZeRO stage from ``deepspeed.zero_stage``) in the
-process group Ray Train created. One epoch = identity-balanced passes over the labelled
-split; after each epoch the label-free criterion ``target_mnn`` is scored, every
+process group Ray Train created. One epoch = an identity-balanced pass over the labelled
+split (``train.epoch_unit``); after each epoch the label-free criterion ``target_mnn`` is scored, every
 ``train.eval_every`` epochs (and after the last) the target test split is encoded (sharded
 over workers, gathered) and scored, and a checkpoint (carrying the metric history) is reported.
 """
@@ -67,7 +67,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     test_split = load_split(cfg, cfg.data.target, "test", tokenizer, verbose=rank == 0)
     selection = _label_free_set(cfg, tokenizer)
     sampler = IdentityBalancedSampler(train_split.labels, cfg.train.batch_size,
-                                      cfg.train.instances_per_id, cfg.run.seed, rank, world)
+                                      cfg.train.instances_per_id, cfg.run.seed, rank, world,
+                                      unit=cfg.train.epoch_unit)
 
     torch.manual_seed(cfg.run.seed)  # identical init on every rank
     gckd = cfg.method == "gckd"
@@ -75,7 +76,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model, scheduler = build_engine(module.to(device), cfg,
                                     _lr_lambda(cfg, sampler.steps_per_epoch),
                                     on_gpu=cfg.train.use_gpu)
-    augment = TrainAugment(seed=cfg.run.seed * 7919 + rank)
+    augment = TrainAugment(seed=cfg.run.seed * 7919 + rank, erase_prob=cfg.data.random_erasing)
     memory = MemoryClient.connect(loop_config["memory_actor"]) if gckd else None
     state: dict[str, Any] = {"epoch": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()

@@ -123,3 +123,20 @@ def test_too_few_identities_for_a_batch_on_every_worker_is_refused_with_the_fix(
                        r"train.batch_size=32 .* needs 16 per batch on each of "
                        r"train.num_workers=2 workers \(32\); set train.batch_size=12"):
         check_batches_fit(load_config(None, ["train.batch_size=32"]), domain)
+
+
+def test_caption_epochs_see_every_caption_once_in_identity_balanced_batches():
+    counts = torch.tensor([1, 2, 3, 4, 5, 7] * 10)  # 60 ids, 220 captions
+    labels = torch.arange(60).repeat_interleave(counts)
+    samplers = [IdentityBalancedSampler(labels, 8, 2, seed=1, rank=r, world_size=2,
+                                        unit="captions") for r in range(2)]
+    groups = int((-(-counts // 2)).sum())  # captions in groups of 2 per identity
+    assert samplers[0].steps_per_epoch == groups // 4 // 2
+    batches = [b for s in samplers for b in s.epoch(0)]
+    assert all(len(b) == 8 and len(labels[b].unique()) == 4 for b in batches)
+    assert all((labels[b] == i).sum() == 2 for b in batches for i in labels[b].unique())
+    seen = torch.cat(batches).unique()
+    assert len(seen) >= 0.9 * len(labels)  # every caption once, but for the last batch's spill
+    by_identities = IdentityBalancedSampler(labels, 8, 2, seed=1, world_size=2)
+    assert samplers[0].steps_per_epoch > 1.5 * by_identities.steps_per_epoch
+    assert all(torch.equal(a, b) for a, b in zip(samplers[1].epoch(0), samplers[1].epoch(0)))

@@ -149,3 +149,28 @@ def test_strong_view_zoom_stretches_horizontally():
 def test_strong_view_rejects_float_input():
     with pytest.raises(ValueError, match="uint8"):
         TrainAugment().strong(torch.zeros(1, 3, 4, 4))
+
+
+def test_random_erasing_sets_one_rectangle_to_the_mean_pixel():
+    images = torch.full((400, 3, 24, 12), 7, dtype=torch.uint8)  # no pixel equals the mean
+    out = TrainAugment(seed=0, padding=0, flip_prob=0.0, erase_prob=0.5).erase(images)
+    mean = torch.tensor([round(255 * m) for m in CLIP_MEAN], dtype=torch.uint8)
+    erased = (out == mean.view(1, 3, 1, 1)).all(dim=1)  # (B, H, W)
+    hit = erased.flatten(1).any(dim=1)
+    assert 0.4 < hit.float().mean() < 0.6  # p = 0.5 over 400 images
+    assert torch.equal(out[~hit], images[~hit])  # the others are untouched
+    for mask in erased[hit]:  # one axis-aligned rectangle of 2-40% (rounding aside) per image
+        rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+        assert mask.sum() == len(rows) * len(cols)
+        assert rows.diff().eq(1).all() and cols.diff().eq(1).all()
+        assert 0.01 <= mask.float().mean() <= 0.5
+
+
+def test_random_erasing_off_keeps_the_augmentation_stream():
+    batch = _batch()
+    plain = TrainAugment(seed=3)
+    zero = TrainAugment(seed=3, erase_prob=0.0)
+    assert torch.equal(plain(batch), zero(batch))
+    assert torch.equal(plain(batch), zero(batch))  # and the next draws too
+    erasing = TrainAugment(seed=3, erase_prob=1.0)
+    assert not torch.equal(TrainAugment(seed=3)(batch), erasing(batch))
