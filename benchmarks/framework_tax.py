@@ -52,7 +52,7 @@ SMOKE = ("data.synth_scale=0.1", "train.batch_size=16", "model.hidden_size=32",
 SMOKE_GCKD = ("gckd.queue_size=512", "gckd.snapshot_every=2", "gckd.pseudo_every=4")
 
 
-def plain_run(cfg: Config, output: Path) -> dict:
+def plain_run(cfg: Config) -> dict:
     """The training steps in this process without Ray or DeepSpeed; steady steps/s."""
     from gckd_ray.data.datasets import (IdentityBalancedSampler, labelled_domain, load_records,
                                         load_split, load_unpaired)
@@ -170,7 +170,7 @@ def measure(overrides: list[str], repeats: int, smoke: bool, log=print) -> dict:
                 cfg = load_config(None, [*keys, f"run.output_dir={out / 'plain'}"])
                 cfg = cfg.with_absolute_paths()
                 side = runs.setdefault(method, {"plain": [], "gckd_ray": []})
-                side["plain"].append(plain_run(cfg, out / "plain"))
+                side["plain"].append(plain_run(cfg))
                 log(f"  {method} repeat {repeat}: plain "
                     f"{side['plain'][-1]['steps_per_s']:.3f} steps/s")
                 side["gckd_ray"].append(ray_run(keys, out / "ray"))
