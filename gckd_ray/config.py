@@ -63,6 +63,12 @@ class DataConfig:
     target: DomainConfig = field(default_factory=lambda: DomainConfig(name="synth-icfg"))
     on_bad_record: str = option("error",
                                 "error: stop at a bad record; skip: drop it and count per cause")
+    # Images are decoded when a batch or evaluation first reads them (data/bad_images.py).
+    on_bad_image: str = option("error",
+                               "error: stop at an image that does not decode; skip: use the next "
+                               "decodable image of the same person instead (target training "
+                               "images: the next image), counted after each epoch and in "
+                               "results.json")
     image_height: int = option(64, "image height after resizing (384 for real data)")
     image_width: int = option(32, "image width after resizing (128 for real data)")
     text_length: int = option(32, "tokens per caption incl. bos/eos (77 for CLIP); longer are "
@@ -364,6 +370,7 @@ class Config:
         _one_of("data.source.name", self.data.source.name, DATASET_NAMES)
         _one_of("data.target.name", self.data.target.name, DATASET_NAMES)
         _one_of("data.on_bad_record", self.data.on_bad_record, BAD_RECORD_POLICIES)
+        _one_of("data.on_bad_image", self.data.on_bad_image, BAD_RECORD_POLICIES)
         _one_of("distill.mode", self.distill.mode, DISTILL_MODES)
         _one_of("gckd.strong_views", self.gckd.strong_views, STRONG_VIEWS)
         _one_of("train.epoch_unit", self.train.epoch_unit, EPOCH_UNITS)

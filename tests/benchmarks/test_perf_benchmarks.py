@@ -153,3 +153,18 @@ def test_checkpoint_size_smoke_compares_the_old_and_the_lean_checkpoint(capsys):
     assert set(result["checkpoint_files_after"]) >= {"model.pt", "rank000.pt", "state.json"}
     assert result["once_per_run"]["final_model_bytes"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+
+
+@pytest.mark.slow
+def test_framework_tax_smoke_times_plain_and_ray_steps(capsys):
+    # Both sides of both methods run their real code path; no timing is asserted.
+    from benchmarks import framework_tax
+
+    result = framework_tax.main(["--smoke", "--epochs", "2"])
+    assert set(result["methods"]) == {"source_only", "gckd"}
+    for m in result["methods"].values():
+        assert m["plain_steps_per_s"] > 0 and m["gckd_ray_steps_per_s"] > 0
+        assert m["ratio"] == pytest.approx(m["plain_steps_per_s"] / m["gckd_ray_steps_per_s"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"plain_steps_per_s", "gckd_ray_steps_per_s", "ratio"} <= set(last)
+    assert last["ratio"] == pytest.approx(result["ratio"]) and result["ratio"] > 0
