@@ -454,10 +454,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _build_unwinding_on_sigterm(*args) -> None:
+    """``build``, with SIGTERM (a job's time limit) unwinding like Ctrl-C so the temporary
+    folder goes; the previous handler is restored afterwards."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        build(*args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # A terminated build (a job's time limit) unwinds like Ctrl-C: the temporary folder goes.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     settings = StandinSettings(**{f.name: getattr(args, f.name)
                                   for f in dataclasses.fields(StandinSettings)})
     out: Path = args.out
@@ -475,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             reason = "missing"
         if reason is not None:
-            build(out, settings, args.bpe, args.threads)
+            _build_unwinding_on_sigterm(out, settings, args.bpe, args.threads)
         for name, metrics in (zero_shot(out, args.zero_shot) if args.zero_shot else {}).items():
             print(json.dumps({"zero_shot": name, "split": "test", **metrics}), flush=True)
     except InputError as err:

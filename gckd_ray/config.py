@@ -90,6 +90,13 @@ class ModelConfig:
     random CLIP below (the SynthPEDES default and tests)."""
 
     pretrained: str = option("", "local Hugging Face CLIP folder ('' = tiny random CLIP below)")
+    # A pretrained text tower knows words the source captions never use (target synonyms,
+    # other vocabularies); GCKD's target losses, trained on imperfect pseudo-supervision, move
+    # those words' embeddings and lose that knowledge (experiments/RESULTS.md). Frozen, only
+    # the layers above them adapt. From scratch the embeddings must learn: keep it off.
+    freeze_token_embeddings: bool = option(False,
+                                           "keep the text tower's token embeddings as loaded "
+                                           "(pretrained regime)")
     embed_dim: int = option(64, "tiny CLIP: joint embedding size")
     hidden_size: int = option(64, "tiny CLIP: transformer width of both towers")
     num_layers: int = option(2, "tiny CLIP: layers per tower")

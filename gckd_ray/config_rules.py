@@ -192,6 +192,14 @@ def _grid_repeats_identical_trials(cfg: Config) -> str | None:
             f"identical deterministic trials; set tune.num_samples=1 (or --num-samples 1)")
 
 
+def _frozen_tokens_need_pretrained_ones(cfg: Config) -> str | None:
+    if not cfg.model.freeze_token_embeddings or cfg.model.pretrained:
+        return None
+    return ("model.freeze_token_embeddings=true without model.pretrained would freeze the tiny "
+            "CLIP's random token embeddings, so no caption word could be learnt; set "
+            "model.pretrained or model.freeze_token_embeddings=false")
+
+
 @dataclass(frozen=True)
 class Rule:
     """One cross-key rule: ``check`` returns its message when the config breaks it."""
@@ -224,6 +232,8 @@ RULES: tuple[Rule, ...] = (
          "train.eval_every, train.epochs", _eval_every_inside_the_run),
     Rule("an oracle-ranked sweep scores every epoch", "error", ("tune",),
          "tune.oracle_metric, train.eval_every", _oracle_ranking_sees_every_epoch),
+    Rule("frozen token embeddings are pretrained ones", "error", ("train", "tune"),
+         "model.freeze_token_embeddings, model.pretrained", _frozen_tokens_need_pretrained_ones),
 )
 
 

@@ -36,6 +36,9 @@ def _stderr_line(capsys) -> str:
     (tune_main, ["train.epochs=12", "graph.enabled=false"],
      "config error: tune.search_space sweeps keys that cannot act in these trials, so they "
      "would differ in name only: graph.k (graph.enabled=false)"),
+    (train_main, ["model.freeze_token_embeddings=true"],
+     "config error: model.freeze_token_embeddings=true without model.pretrained would freeze "
+     "the tiny CLIP's random token embeddings"),
     (tune_main, ["train.epochs=12", "distill.mode=mnf_csc"],
      "distill.tau_s (distill.mode is not cmkd); distill.tau_t (distill.mode is not cmkd); "
      "distill.alpha (distill.mode is not cmkd)"),

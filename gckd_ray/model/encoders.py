@@ -254,4 +254,6 @@ def build_dual_encoder(cfg: ModelConfig, *, vocab_size: int, pad_id: int, bos_id
     encoder = DualEncoder(clip, eos_id=eos_id, text_length=text_length, image_size=image_size)
     if cfg.pretrained:
         _load_trained_grid(encoder, cfg.pretrained)
+    if cfg.freeze_token_embeddings:
+        clip.text_model.embeddings.token_embedding.weight.requires_grad_(False)
     return encoder

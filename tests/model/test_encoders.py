@@ -208,3 +208,22 @@ def test_encode_with_tokens_matches_the_embeddings_in_one_forward_per_tower():
     torch.testing.assert_close(image_tokens,
                                enc.clip.vision_model.post_layernorm(vision.last_hidden_state))
     torch.testing.assert_close(text_tokens, text.last_hidden_state)
+
+
+def test_frozen_token_embeddings_stay_as_loaded_while_the_rest_trains():
+    tok = WordTokenizer.build(CAPTIONS)
+    torch.manual_seed(0)
+    enc = build_dual_encoder(ModelConfig(**{**SMALL.__dict__, "freeze_token_embeddings": True}),
+                             vocab_size=tok.vocab_size, pad_id=tok.pad_id, bos_id=tok.bos_id,
+                             eos_id=tok.eos_id, text_length=12, image_size=(64, 32))
+    table = enc.clip.text_model.embeddings.token_embedding.weight
+    before = {n: p.detach().clone() for n, p in enc.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in enc.parameters() if p.requires_grad], lr=1e-2)
+    ids, mask, _ = tok.encode(CAPTIONS, 12)
+    image_emb, text_emb = enc(torch.randn(4, 3, 64, 32), ids, mask)
+    (image_emb @ text_emb.t()).sum().backward()
+    optimizer.step()
+    assert not table.requires_grad and table.grad is None
+    assert torch.equal(table, before["clip.text_model.embeddings.token_embedding.weight"])
+    position = "clip.text_model.embeddings.position_embedding.weight"
+    assert not torch.equal(dict(enc.named_parameters())[position], before[position])
