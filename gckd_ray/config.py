@@ -270,6 +270,16 @@ class TrainConfig:
                             "prepare the next batch (fetch, decode, augment) in a background "
                             "thread while the step runs (identical results); worth it where host "
                             "cores idle during the step, e.g. GPU nodes")
+    # Loader processes per worker for the host half of each batch (read, decode, resize; the
+    # augmentation stays in the worker, so batches are identical with any count). -1 = auto:
+    # train.cpus_per_worker processes under train.use_gpu (one thread cannot decode 384x128
+    # images as fast as a GPU trains: benchmarks/RESULTS.md), none on CPU, where the workers'
+    # torch threads already fill the reserved cores and loader processes would compete with them.
+    loader_processes: int = option(-1,
+                                   "loader processes per worker that read and decode images "
+                                   "(identical batches with any count); -1 = "
+                                   "train.cpus_per_worker under train.use_gpu, else 0; 0 = in "
+                                   "the worker")
 
 
 @dataclass
@@ -474,6 +484,9 @@ def _check_other_ranges(cfg: Config) -> None:
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get_key(cfg, key)}")
     _positive("train.log_every", cfg.train.log_every)
+    if cfg.train.loader_processes < -1:
+        raise ConfigError(f"train.loader_processes: must be >= -1 (-1 = auto), got "
+                          f"{cfg.train.loader_processes}")
     if cfg.data.text_length < 2:
         raise ConfigError(f"data.text_length: must be >= 2 (bos and eos tokens), got "
                           f"{cfg.data.text_length}")

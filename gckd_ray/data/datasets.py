@@ -10,6 +10,7 @@ captions) carrying no ids and no pairing unless ``data.target.paired`` asks for 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,7 @@ class ImageSource:
         for row, group in enumerate(groups or ()):
             self._rows_of.setdefault(group, []).append(row)
         self._pool = concurrent.futures.ThreadPoolExecutor(threads) if not cache else None
+        self._pool_pid = os.getpid()
         self._cache = self._decode(range(len(paths))) if cache else None
 
     def __len__(self) -> int:
@@ -66,7 +68,11 @@ class ImageSource:
     def _decode(self, indices) -> torch.Tensor:
         indices = list(indices)
         out = torch.empty((len(indices), 3, *self.size), dtype=torch.uint8)
-        loaded = self._pool.map(self._load, indices) if self._pool else map(self._load, indices)
+        # A forked loader process (data/loader.py) inherits the pool but not its threads, which
+        # would leave its work queued forever; there it decodes in its own thread (the loader
+        # processes are the parallelism).
+        threaded = self._pool is not None and os.getpid() == self._pool_pid
+        loaded = self._pool.map(self._load, indices) if threaded else map(self._load, indices)
         for row, img in enumerate(loaded):
             out[row] = img
         return out

@@ -141,6 +141,22 @@ def test_data_loading_smoke(synth_cache, tmp_path):
     assert result["torch_threads"] == 1  # as a Ray Train worker with train.cpus_per_worker=1
 
 
+def test_data_loading_loaders_smoke_against_the_h100_need(synth_cache):
+    from benchmarks import data_loading
+
+    result = data_loading.main(["--loaders", "--smoke", "--processes", "0,1",
+                                f"data.synth_cache={synth_cache}",
+                                f"data.synth_scale={SYNTH_SCALE}"])
+    assert set(result["samples_per_s"]) == {"0", "1"}
+    assert all(rate > 0 for rate in result["samples_per_s"].values())
+    h100 = result["h100"]
+    counted = h100["counted_tflop"]
+    assert counted["8"] > counted["4"] > 0 and h100["step_tflop"] == pytest.approx(counted["8"])
+    assert h100["samples_per_s_needed"] == pytest.approx(
+        989e12 * 0.4 / (h100["gflop_per_sample"] * 1e9))
+    assert result["processes_needed_at_one_process_rate"] >= 1
+
+
 def test_checkpoint_size_smoke_compares_the_old_and_the_lean_checkpoint(capsys):
     from benchmarks import checkpoint_size
 
