@@ -63,6 +63,12 @@ class DataConfig:
     target: DomainConfig = field(default_factory=lambda: DomainConfig(name="synth-icfg"))
     on_bad_record: str = option("error",
                                 "error: stop at a bad record; skip: drop it and count per cause")
+    # Images are decoded when a batch or evaluation first reads them (data/bad_images.py).
+    on_bad_image: str = option("error",
+                               "error: stop at an image that does not decode; skip: use the next "
+                               "decodable image of the same person instead (target training "
+                               "images: the next image), counted after each epoch and in "
+                               "results.json")
     image_height: int = option(64, "image height after resizing (384 for real data)")
     image_width: int = option(32, "image width after resizing (128 for real data)")
     text_length: int = option(32, "tokens per caption incl. bos/eos (77 for CLIP); longer are "
@@ -264,6 +270,16 @@ class TrainConfig:
                             "prepare the next batch (fetch, decode, augment) in a background "
                             "thread while the step runs (identical results); worth it where host "
                             "cores idle during the step, e.g. GPU nodes")
+    # Loader processes per worker for the host half of each batch (read, decode, resize; the
+    # augmentation stays in the worker, so batches are identical with any count). -1 = auto:
+    # train.cpus_per_worker processes under train.use_gpu (one thread cannot decode 384x128
+    # images as fast as a GPU trains: benchmarks/RESULTS.md), none on CPU, where the workers'
+    # torch threads already fill the reserved cores and loader processes would compete with them.
+    loader_processes: int = option(-1,
+                                   "loader processes per worker that read and decode images "
+                                   "(identical batches with any count); -1 = "
+                                   "train.cpus_per_worker under train.use_gpu, else 0; 0 = in "
+                                   "the worker")
 
 
 @dataclass
@@ -371,6 +387,7 @@ class Config:
         _one_of("data.source.name", self.data.source.name, DATASET_NAMES)
         _one_of("data.target.name", self.data.target.name, DATASET_NAMES)
         _one_of("data.on_bad_record", self.data.on_bad_record, BAD_RECORD_POLICIES)
+        _one_of("data.on_bad_image", self.data.on_bad_image, BAD_RECORD_POLICIES)
         _one_of("distill.mode", self.distill.mode, DISTILL_MODES)
         _one_of("gckd.strong_views", self.gckd.strong_views, STRONG_VIEWS)
         _one_of("train.epoch_unit", self.train.epoch_unit, EPOCH_UNITS)
@@ -467,6 +484,9 @@ def _check_other_ranges(cfg: Config) -> None:
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get_key(cfg, key)}")
     _positive("train.log_every", cfg.train.log_every)
+    if cfg.train.loader_processes < -1:
+        raise ConfigError(f"train.loader_processes: must be >= -1 (-1 = auto), got "
+                          f"{cfg.train.loader_processes}")
     if cfg.data.text_length < 2:
         raise ConfigError(f"data.text_length: must be >= 2 (bos and eos tokens), got "
                           f"{cfg.data.text_length}")

@@ -32,7 +32,7 @@ import torch
 
 from gckd_ray.data.transforms import normalize
 from gckd_ray.model.centring import TARGET
-from gckd_ray.model.collectives import all_gather_no_grad, rank_and_world
+from gckd_ray.model.collectives import all_gather_no_grad, all_gather_objects, rank_and_world
 from gckd_ray.model.precision import compute_dtype
 
 __all__ = ["mutual_nn_agreement", "retrieval_metrics", "retrieval_metrics_from_embeddings"]
@@ -390,24 +390,46 @@ def rerank_split(encoder, head, split, device: torch.device, images: torch.Tenso
                  ) -> dict[str, float]:
     """Retrieval metrics after the matching head re-scores each query's top-k images
     (``matching.rerank``). ``images``/``texts`` are the split's embeddings from
-    ``encode_split`` (every rank holds all of them); token states are computed only for the
-    images some query's top-k holds, chunk by chunk, and each rank re-ranks all queries itself."""
-    from gckd_ray.model.matching import rerank
-
+    ``encode_split`` (every rank holds all of them). Query blocks of ``chunk`` are dealt
+    round-robin to ranks; token states are computed only for the images some query of the block
+    has in its top-k; the re-scored entries (at most ``top_k`` per query) are exchanged, so
+    every rank ends with the same scores as one process re-ranking everything."""
     was_training = encoder.training, head.training
     encoder.eval(), head.eval()
     sim = texts @ images.t()  # (Q, G) on CPU
-    for start in range(0, len(sim), chunk):
-        block = sim[start:start + chunk]
-        rows = block.topk(min(top_k, block.shape[1]), dim=1).indices.unique()  # sorted
-        ids, mask = (t.to(device) for t in split.captions.take(
-            torch.arange(start, start + len(block))))
-        pixels = normalize(split.images.fetch(rows).to(device))
-        _, _, image_tokens, text_tokens = encoder.encode_with_tokens(pixels, ids, mask)
-        block[:, rows] = rerank(head, text_tokens, mask, image_tokens,
-                                block[:, rows].to(device), top_k, weight).cpu()
+    rank, world = rank_and_world()
+    starts = list(range(0, len(sim), chunk))[rank::world]
+    # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively in
+    # each one): a rank out of blocks re-scores block 0 and drops the result.
+    rounds = -(-len(range(0, len(sim), chunk)) // world)
+    changed = []
+    for i in range(rounds):
+        start = starts[i] if i < len(starts) else 0
+        rows, scores = _rerank_block(encoder, head, split, device, sim[start:start + chunk],
+                                     start, top_k, weight)
+        if i < len(starts):
+            changed.append((start, rows, scores))
+    for part in all_gather_objects(changed):
+        for start, rows, scores in part:
+            block = sim[start:start + len(scores)]
+            block[:, rows] = scores
     encoder.train(was_training[0]), head.train(was_training[1])
     return retrieval_metrics(sim, split.labels, split.image_labels)
+
+
+def _rerank_block(encoder, head, split, device, block: torch.Tensor, start: int, top_k: int,
+                  weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block of queries: (gallery columns some query has in its top-k, their re-scored
+    (len(block), len(columns)) scores on CPU)."""
+    from gckd_ray.model.matching import rerank
+
+    rows = block.topk(min(top_k, block.shape[1]), dim=1).indices.unique()  # sorted
+    ids, mask = (t.to(device) for t in split.captions.take(
+        torch.arange(start, start + len(block))))
+    pixels = normalize(split.images.fetch(rows).to(device))
+    _, _, image_tokens, text_tokens = encoder.encode_with_tokens(pixels, ids, mask)
+    return rows, rerank(head, text_tokens, mask, image_tokens, block[:, rows].to(device),
+                        top_k, weight).cpu()
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -2,7 +2,9 @@
 
 History rows of epochs whose target test split was not scored (``train.eval_every``) hold
 their losses (and the label-free ``target_mnn``) but no R1 etc.; the final metrics are those
-of the last scored epoch, which is the last epoch (``final_epoch`` says which)."""
+of the last scored epoch, which is the last epoch (``final_epoch`` says which). With
+``data.on_bad_image=skip`` every history row holds ``skipped_images`` (bad image files met so
+far) and the results hold ``skipped_images: {"count", "files"}`` of the whole run."""
 
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ def evaluated(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [row for row in history if all(k in row for k in METRIC_KEYS)]
 
 
-def write_results(cfg: Config, history: list[dict[str, Any]]) -> dict[str, Any]:
+def write_results(cfg: Config, history: list[dict[str, Any]],
+                  skipped_images: list[str] | None = None) -> dict[str, Any]:
+    """``skipped_images``: the run's image files replaced under ``data.on_bad_image=skip``."""
     scored = evaluated(history)
     if not scored:
         raise ValueError("no epoch of the history scored the target test split")
@@ -42,6 +46,9 @@ def write_results(cfg: Config, history: list[dict[str, Any]]) -> dict[str, Any]:
         "phases": phases(cfg, history),
         "history": history,
     }
+    if cfg.data.on_bad_image == "skip":
+        files = sorted(skipped_images or [])
+        results["skipped_images"] = {"count": len(files), "files": files}
     if "rerank_R1" in final:  # matching-head re-ranking, reported beside, never instead
         results["final_rerank"] = {k: final[f"rerank_{k}"] for k in METRIC_KEYS}
     path = results_path(cfg)
@@ -77,4 +84,7 @@ def format_table(results: dict[str, Any]) -> str:
     if "final_rerank" in results:
         lines.append(f"{'':<24} {'+ re-rank':<12} "
                      + " ".join(f"{results['final_rerank'][k]:7.2f}" for k in METRIC_KEYS))
+    if "skipped_images" in results:
+        lines.append(f"skipped images (data.on_bad_image=skip): "
+                     f"{results['skipped_images']['count']}")
     return "\n".join(lines + [_phases_line(results)]) + f"\nselection: {results['selection']}"

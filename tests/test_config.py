@@ -75,6 +75,7 @@ def test_yaml_then_overrides(tmp_path):
     (["train.num_workers=0"], "train.num_workers: must be > 0, got 0"),
     (["train.cpus_per_worker=-1"], "train.cpus_per_worker: must be > 0, got -1.0"),
     (["train.log_every=0"], "train.log_every: must be > 0, got 0"),
+    (["train.loader_processes=-2"], "train.loader_processes: must be >= -1 (-1 = auto), got -2"),
     (["run.seed=-1"], "run.seed: must be >= 0, got -1"),
     (["train.eval_every=-1"], "train.eval_every: must be >= 0, got -1"),
     (["data.text_length=1"], "data.text_length: must be >= 2 (bos and eos tokens), got 1"),

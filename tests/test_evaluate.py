@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
@@ -248,6 +250,35 @@ def test_rerank_with_zero_weight_keeps_the_ranking(synth_cache, tiny_config):
                            5, 100.0)
     # re-ranking only reorders each query's top 5 among themselves: R5 and R10 cannot move
     assert boosted["R5"] == plain["R5"] and boosted["R10"] == plain["R10"]
+
+
+def _reranked(cfg_dict: dict, rank: int = 0) -> dict:
+    """Re-ranked metrics of a seeded GCKD model on the tiny target test split, query blocks of
+    8 (5 blocks: uneven over 2 ranks)."""
+    from gckd_ray.config import config_from_dict
+    from gckd_ray.data.datasets import load_split
+    from gckd_ray.data.tokenizer import WordTokenizer
+    from gckd_ray.evaluate import encode_split, rerank_split
+    from gckd_ray.model.gckd import build_gckd
+
+    cfg = config_from_dict(cfg_dict)
+    tok = WordTokenizer.build(["a"])
+    split = load_split(cfg, cfg.data.target, "test", tok)
+    torch.manual_seed(0)
+    model = build_gckd(cfg, tok, num_classes=3)
+    device = torch.device("cpu")
+    images, texts = encode_split(model.encoder, split, device)
+    return rerank_split(model.encoder, model.matching, split, device, images, texts, 5, 100.0,
+                        chunk=8)
+
+
+def test_rerank_split_over_two_ranks_equals_one_process(synth_cache, tiny_config):
+    from helpers import run_gloo_ranks
+
+    cfg = tiny_config("method=gckd").to_dict()
+    alone = _reranked(cfg)
+    ranks = run_gloo_ranks(functools.partial(_reranked, cfg), 2)
+    assert ranks[0] == ranks[1] == alone  # exact: the same float32 scores, exchanged as is
 
 
 def test_device_defaults_to_cuda_when_available_and_refuses_what_is_not_there(monkeypatch):

@@ -44,3 +44,24 @@ def test_epochs_without_a_test_evaluation_keep_their_losses_and_the_last_scored_
     assert write_results(cfg, history[:2])["final_epoch"] == 2
     with pytest.raises(ValueError, match="no epoch of the history scored the target test"):
         write_results(cfg, history[:1])
+
+
+def test_skipped_images_are_in_the_results_and_the_table(tmp_path):
+    from gckd_ray.distributed.metrics_log import console_line
+
+    cfg = _cfg("method=source_only", "train.epochs=1", "data.on_bad_image=skip",
+               f"run.output_dir={tmp_path}")
+    history = [{"epoch": 1, "itc": 1.0, "loss": 1.0, "skipped_images": 2,
+                **{k: 10.0 for k in METRIC_KEYS}}]
+    results = write_results(cfg, history, ["/d/imgs/b.jpg", "/d/imgs/a.jpg"])
+    assert results["skipped_images"] == {"count": 2, "files": ["/d/imgs/a.jpg", "/d/imgs/b.jpg"]}
+    assert results["history"][0]["skipped_images"] == 2
+    assert "skipped images (data.on_bad_image=skip): 2" in format_table(results)
+    # data.on_bad_image=error: no such key (an undecodable image would have stopped the run)
+    assert "skipped_images" not in write_results(_cfg(f"run.output_dir={tmp_path}"),
+                                                 history[:1])
+    record = {"kind": "skipped_images", "epoch": 2, "epochs": 3, "count": 1,
+              "files": ["/d/imgs/a.jpg"]}
+    assert console_line(record) == ("[epoch 2/3] skipped images (data.on_bad_image=skip): 1 "
+                                    "(/d/imgs/a.jpg)")
+    assert console_line({**record, "count": 0, "files": []}).endswith("skip): 0")

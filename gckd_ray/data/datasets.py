@@ -10,12 +10,14 @@ captions) carrying no ids and no pairing unless ``data.target.paired`` asks for 
 from __future__ import annotations
 
 import concurrent.futures
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from gckd_ray.config import DATASET_NAMES, Config, DomainConfig
+from gckd_ray.data.bad_images import BadImages, stand_in_rows
 from gckd_ray.data.formats import (FORMATS, IMAGE_DIR, SYNTH_FORMATS, DatasetFormatError,
                                    DomainRecords, Record, read_annotations, read_image)
 from gckd_ray.data.synthetic import ensure_synthetic
@@ -24,25 +26,53 @@ from gckd_ray.data.transforms import pil_to_uint8
 
 
 class ImageSource:
-    """Unique images of one split, fetched as uint8 batches ``(B, 3, H, W)``."""
+    """Unique images of one split, fetched as uint8 batches ``(B, 3, H, W)``.
+
+    With ``bad`` (``data.on_bad_image=skip``) an image that does not decode is recorded there
+    and replaced by the next decodable image of its group (``groups``: one id per row; None:
+    one group), as `bad_images` describes; without it, it raises `DatasetFormatError`.
+    """
 
     def __init__(self, paths: list[str], where: list[tuple[str, int]], size: tuple[int, int],
-                 cache: bool, threads: int = 4):
+                 cache: bool, threads: int = 4, groups: list[int] | None = None,
+                 bad: BadImages | None = None):
         self.paths, self.where, self.size = paths, where, size
+        self.groups, self.bad = groups, bad
+        self._rows_of: dict[int, list[int]] = {}
+        for row, group in enumerate(groups or ()):
+            self._rows_of.setdefault(group, []).append(row)
         self._pool = concurrent.futures.ThreadPoolExecutor(threads) if not cache else None
+        self._pool_pid = os.getpid()
         self._cache = self._decode(range(len(paths))) if cache else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _load(self, i: int) -> torch.Tensor:
+        if self.bad is None:
+            return pil_to_uint8(read_image(self.paths[i], *self.where[i]), self.size)
+        for row in stand_in_rows(i, self.groups, self._rows_of, len(self.paths)):
+            if self.paths[row] in self.bad:  # it failed before and would fail again
+                continue
+            try:
+                return pil_to_uint8(read_image(self.paths[row], *self.where[row]), self.size)
+            except DatasetFormatError as err:
+                self.bad.add(self.paths[row], str(err))
         source, index = self.where[i]
-        return pil_to_uint8(read_image(self.paths[i], source, index), self.size)
+        group = ("target training image" if self.groups is None
+                 else f"image of person {self.groups[i]}")
+        raise DatasetFormatError(f"{source}: record {index}: image {self.paths[i]} does not "
+                                 f"decode, nor does any other {group} to stand in for it "
+                                 f"(data.on_bad_image=skip)")
 
     def _decode(self, indices) -> torch.Tensor:
         indices = list(indices)
         out = torch.empty((len(indices), 3, *self.size), dtype=torch.uint8)
-        loaded = self._pool.map(self._load, indices) if self._pool else map(self._load, indices)
+        # A forked loader process (data/loader.py) inherits the pool but not its threads, which
+        # would leave its work queued forever; there it decodes in its own thread (the loader
+        # processes are the parallelism).
+        threaded = self._pool is not None and os.getpid() == self._pool_pid
+        loaded = self._pool.map(self._load, indices) if threaded else map(self._load, indices)
         for row, img in enumerate(loaded):
             out[row] = img
         return out
@@ -90,8 +120,11 @@ class PairedSplit:
 
 
 def build_split(domain: DomainRecords, tokenizer: Tokenizer, text_length: int,
-                image_size: tuple[int, int], cache_images: bool) -> PairedSplit:
-    """Index a split's records: unique images in first-seen order, contiguous person labels."""
+                image_size: tuple[int, int], cache_images: bool,
+                bad_images: BadImages | None = None) -> PairedSplit:
+    """Index a split's records: unique images in first-seen order, contiguous person labels.
+    ``bad_images``: replace and record images that do not decode (``data.on_bad_image=skip``;
+    a stand-in is another image of the same person); None: they raise."""
     if not domain.records:
         raise ValueError(f"{domain.name}/{domain.split}: no records left to train or evaluate on")
     image_row: dict[str, int] = {}
@@ -106,7 +139,8 @@ def build_split(domain: DomainRecords, tokenizer: Tokenizer, text_length: int,
     ids, mask, truncated = tokenizer.encode([r.caption for r in domain.records], text_length)
     return PairedSplit(
         name=f"{domain.name}/{domain.split}",
-        images=ImageSource(paths, where, image_size, cache_images),
+        images=ImageSource(paths, where, image_size, cache_images, groups=image_pid,
+                           bad=bad_images),
         captions=Captions(ids, mask, truncated),
         image_of=torch.tensor([image_row[r.image_key] for r in domain.records]),
         labels=torch.tensor([label_of[r.pid] for r in domain.records]),
@@ -174,20 +208,23 @@ def check_batches_fit(cfg: Config, labelled: DomainRecords) -> None:
 
 
 def load_split(cfg: Config, domain: DomainConfig, split: str, tokenizer: Tokenizer,
-               verbose: bool = False) -> PairedSplit:
-    """Read, validate and index one labelled split; prints the reader's summary line."""
+               verbose: bool = False, bad_images: BadImages | None = None) -> PairedSplit:
+    """Read, validate and index one labelled split; prints the reader's summary line.
+    ``bad_images``: as `build_split`."""
     records = load_records(cfg, domain, split)
     if verbose:
         print(records.summary(), flush=True)
     built = build_split(records, tokenizer, cfg.data.text_length,
-                        (cfg.data.image_height, cfg.data.image_width), cfg.data.cache_images)
+                        (cfg.data.image_height, cfg.data.image_width), cfg.data.cache_images,
+                        bad_images)
     if verbose and built.captions.truncated:
         print(f"{built.name}: {built.captions.truncated} captions truncated to "
               f"{cfg.data.text_length} tokens", flush=True)
     return built
 
 
-def load_unpaired(cfg: Config, tokenizer: Tokenizer, verbose: bool = False) -> UnpairedTarget:
+def load_unpaired(cfg: Config, tokenizer: Tokenizer, verbose: bool = False,
+                  bad_images: BadImages | None = None) -> UnpairedTarget:
     """The target training split as GCKD sees it (`build_unpaired`); prints the reader's
     summary line and the count of truncated captions, as `load_split` does."""
     records = load_records(cfg, cfg.data.target, "train")
@@ -195,7 +232,7 @@ def load_unpaired(cfg: Config, tokenizer: Tokenizer, verbose: bool = False) -> U
         print(records.summary(), flush=True)
     target = build_unpaired(records, tokenizer, cfg.data.text_length,
                             (cfg.data.image_height, cfg.data.image_width), cfg.data.cache_images,
-                            cfg.data.target.paired)
+                            cfg.data.target.paired, bad_images)
     if verbose and target.captions.truncated:
         print(f"{records.name}/train: {target.captions.truncated} captions truncated to "
               f"{cfg.data.text_length} tokens", flush=True)
@@ -332,18 +369,20 @@ def target_pairs(records: list[Record]) -> np.ndarray:
 
 def build_unpaired(domain: DomainRecords, tokenizer: Tokenizer, text_length: int,
                    image_size: tuple[int, int], cache_images: bool,
-                   paired: bool = False) -> UnpairedTarget:
+                   paired: bool = False, bad_images: BadImages | None = None) -> UnpairedTarget:
+    """``bad_images``: replace and record images that do not decode (a stand-in is another
+    target image: they carry no ids); None: they raise."""
     if not domain.records:
         raise ValueError(f"{domain.name}/{domain.split}: no records left to adapt on")
     keys, captions = _target_order(domain.records)
     image_of = torch.from_numpy(target_pairs(domain.records)) if paired else None
     return _unpaired(domain, keys, captions, tokenizer, text_length, image_size, cache_images,
-                     image_of)
+                     image_of, bad_images)
 
 
 def sample_unpaired(domain: DomainRecords, tokenizer: Tokenizer, text_length: int,
                     image_size: tuple[int, int], cache_images: bool, n: int,
-                    seed: int) -> UnpairedTarget:
+                    seed: int, bad_images: BadImages | None = None) -> UnpairedTarget:
     """Up to ``n`` target images and ``n`` target captions, each set drawn independently (no
     ids, no pairing): the data of the label-free selection criterion. The draw depends only
     on ``seed`` and the sorted image keys and caption texts, as ``build_unpaired``'s order."""
@@ -354,17 +393,18 @@ def sample_unpaired(domain: DomainRecords, tokenizer: Tokenizer, text_length: in
     image_rows = torch.randperm(len(keys), generator=gen)[:n].sort().values.tolist()
     caption_rows = torch.randperm(len(captions), generator=gen)[:n].sort().values.tolist()
     return _unpaired(domain, [keys[i] for i in image_rows], [captions[i] for i in caption_rows],
-                     tokenizer, text_length, image_size, cache_images, None)
+                     tokenizer, text_length, image_size, cache_images, None, bad_images)
 
 
 def _unpaired(domain: DomainRecords, keys: list[str], captions: list[Record],
               tokenizer: Tokenizer, text_length: int, image_size: tuple[int, int],
-              cache_images: bool, image_of: torch.Tensor | None) -> UnpairedTarget:
+              cache_images: bool, image_of: torch.Tensor | None,
+              bad_images: BadImages | None) -> UnpairedTarget:
     first: dict[str, tuple[str, str, int]] = {}
     for rec in domain.records:
         first.setdefault(rec.image_key, (rec.image_path, rec.source, rec.index))
     paths = [first[k][0] for k in keys]
     where = [(first[k][1], first[k][2]) for k in keys]
     ids, mask, truncated = tokenizer.encode([r.caption for r in captions], text_length)
-    return UnpairedTarget(ImageSource(paths, where, image_size, cache_images),
+    return UnpairedTarget(ImageSource(paths, where, image_size, cache_images, bad=bad_images),
                           Captions(ids, mask, truncated), image_of)

@@ -38,12 +38,16 @@ class FormatSpec:
     annotation: str           # annotation file name inside the dataset root
     path_key: str             # record key holding the image path, relative to <root>/imgs/
     splits: tuple[str, ...]   # split values the format uses
+    images: str               # how the published dataset lays out imgs/ (for error messages)
 
 
 FORMATS: Mapping[str, FormatSpec] = MappingProxyType({
-    "cuhk-pedes": FormatSpec("reid_raw.json", "file_path", ("train", "val", "test")),
-    "icfg-pedes": FormatSpec("ICFG-PEDES.json", "file_path", ("train", "test")),
-    "rstpreid": FormatSpec("data_captions.json", "img_path", ("train", "val", "test")),
+    "cuhk-pedes": FormatSpec("reid_raw.json", "file_path", ("train", "val", "test"),
+                             "one folder per source camera set, e.g. imgs/CUHK01/0363004.png"),
+    "icfg-pedes": FormatSpec("ICFG-PEDES.json", "file_path", ("train", "test"),
+                             "imgs/train/<id>/... and imgs/test/<id>/..."),
+    "rstpreid": FormatSpec("data_captions.json", "img_path", ("train", "val", "test"),
+                           "a flat folder of image files, e.g. imgs/3901_c14_0004.jpg"),
 })
 
 # Each SynthPEDES domain is written in, and read back with, one real format.
@@ -148,6 +152,7 @@ def read_annotations(fmt: str, root: str | Path, split: str, on_bad_record: str 
                                  f"{', '.join(spec.splits)}")
     items = _load_json_list(source, spec)
     image_root = os.path.abspath(Path(root) / IMAGE_DIR)
+    _check_image_root(Path(root), image_root, spec, fmt, items)
     records: list[Record] = []
     skipped: Counter[str] = Counter()
     first_use: dict[str, int] = {}  # image file -> index of the record that annotated it
@@ -245,6 +250,31 @@ def _load_json_list(source: Path, spec: FormatSpec) -> list[Any]:
         raise DatasetFormatError(f"{source}: top level is a JSON {_json_type(items)}, "
                                  f"expected a list of records")
     return items
+
+
+def _check_image_root(root: Path, image_root: str, spec: FormatSpec, fmt: str,
+                      items: list[Any]) -> None:
+    """A root without its image folder fails once, naming the folders tried and the layout
+    the format expects, instead of once per record ("image not found") or, under
+    ``on_bad_record=skip``, as a split with every record skipped."""
+    if os.path.isdir(image_root):
+        return
+    tried = [image_root]
+    found = ""
+    first = next((item[spec.path_key] for item in items if isinstance(item, dict)
+                  and isinstance(item.get(spec.path_key), str) and item[spec.path_key]), None)
+    if first is not None:  # images unpacked straight into the root, without imgs/?
+        tried.append(os.path.abspath(root))
+        if os.path.isfile(root / first):
+            found = f"; the first record's {first} is at {root / first}: move the images into " \
+                    f"{IMAGE_DIR}/"
+    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir())
+    holds = ", ".join(entries[:10]) + (f", ... ({len(entries)} entries)"
+                                      if len(entries) > 10 else "")
+    raise DatasetFormatError(
+        f"{root}: no image folder {IMAGE_DIR}/ (folders tried: {', '.join(tried)}{found}); "
+        f"{root} holds: {holds}. A {fmt} root holds {spec.annotation} and {IMAGE_DIR}/, "
+        f"each record's {spec.path_key!r} relative to {IMAGE_DIR}/ ({spec.images})")
 
 
 def _check_record(item: Any, spec: FormatSpec, fmt: str, image_root: str) -> _Checked:

@@ -5,9 +5,10 @@ The method itself lives in ``model/gckd.py``; this module feeds it, talking to t
 only through ``MemoryClient``. Every step pushes the teacher's features (fire-and-forget,
 bounded in flight) and every ``gckd.snapshot_every`` steps reads the memory's published
 snapshot (refreshing pseudo-ids on schedule, each refresh recorded in metrics.jsonl) and turns
-it into the tensors the step expects. The next step's batches (fetch, decode, views) are
-prepared in a background thread while a step computes (``data/prefetch.py``,
-``train.prefetch``).
+it into the tensors the step expects. A step's batches are read and decoded by ``load_step``
+(in loader processes with ``train.loader_processes``, ``data/loader.py``) and given their views
+on the device by ``prepare_step`` (in a background thread while a step computes with
+``train.prefetch``, ``data/prefetch.py``).
 """
 
 from __future__ import annotations
@@ -64,25 +65,33 @@ class TargetFeed:
             return batches
         return [(self.target.image_of[captions], captions) for _, captions in batches]
 
-    def batch(self, image_rows: torch.Tensor, text_rows: torch.Tensor, augment, strong: str,
-              device: torch.device) -> dict[str, torch.Tensor]:
+    def batch(self, image_rows: torch.Tensor, text_rows: torch.Tensor
+              ) -> dict[str, torch.Tensor]:
+        """Host tensors of a target batch: uint8 ``images`` (B, 3, H, W), token rows, rows."""
         ids, mask = self.target.captions.take(text_rows)
-        return {**views(self.target.images.fetch(image_rows).to(device), augment, strong),
-                "image_rows": image_rows.to(device), "input_ids": ids.to(device),
-                "attention_mask": mask.to(device), "text_rows": text_rows.to(device)}
+        return {"images": self.target.images.fetch(image_rows), "image_rows": image_rows,
+                "input_ids": ids, "attention_mask": mask, "text_rows": text_rows}
 
 
-def step_batches(split: PairedSplit, feed: TargetFeed, augment, strong: str,
-                 device: torch.device):
-    """The epoch's ``prepare`` for its ``Prefetcher``: everything of a step that does not need
-    the model. ``(caption_idx, (image_rows, text_rows)) -> (caption_idx, source batch, target
-    batch)``, both batches on ``device`` with their views (source first, then target: the
-    augmentation draws' order)."""
-    def prepare(item):
+def load_step(split: PairedSplit, feed: TargetFeed):
+    """The epoch's ``load``: ``(caption_idx, (image_rows, text_rows)) -> (caption_idx, source
+    batch, target batch)`` as host tensors (images uint8, not augmented). No random draws, so
+    a loader process may run it."""
+    def load(item):
         idx, (image_rows, text_rows) = item
-        src = to_device(split.batch(idx), device)
+        return idx, split.batch(idx), feed.batch(image_rows, text_rows)
+    return load
+
+
+def prepare_step(augment, strong: str, device: torch.device):
+    """The epoch's ``prepare`` for its ``Prefetcher``: a loaded step on ``device`` with its
+    views, source first, then target (the augmentation draws' order)."""
+    def prepare(loaded):
+        idx, src, tgt = loaded
+        src = to_device(src, device)
         src.update(views(src.pop("images"), augment, strong))
-        return idx, src, feed.batch(image_rows, text_rows, augment, strong, device)
+        tgt = to_device(tgt, device)
+        return idx, src, {**views(tgt.pop("images"), augment, strong), **tgt}
     return prepare
 
 
@@ -175,8 +184,8 @@ class GCKDSteps:
         self.adapt = epoch >= self.cfg.gckd.warmup_epochs
         self.view = None
         strong = self.cfg.gckd.strong_views if self.adapt else "none"
-        return (list(zip(batches, targets)),
-                step_batches(self.split, self.feed, self.augment, strong, self.device))
+        return (list(zip(batches, targets)), load_step(self.split, self.feed),
+                prepare_step(self.augment, strong, self.device))
 
     def forward(self, model, batch, epoch: int, step: int, steps: int) -> StepResult:
         idx, src, tgt = batch

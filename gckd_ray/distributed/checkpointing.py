@@ -167,4 +167,6 @@ def load_training_state(directory: str | Path, engine, scheduler: Any, rank: int
                                          load_from_fp32_weights=True)
     scheduler.load_state_dict(torch.load(require_file(directory, "scheduler.pt"),
                                          map_location="cpu", weights_only=True))
-    return {k: state[k] for k in ("epoch", "history")}, shards[rank]["extras"]
+    # skipped_images: data.on_bad_image=skip runs only (and not in older checkpoints)
+    kept = {k: state[k] for k in ("epoch", "history", "skipped_images") if k in state}
+    return kept, shards[rank]["extras"]

@@ -219,7 +219,8 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         if state["epoch"] >= cfg.train.epochs:  # the whole schedule ran: the student, once
             final_model = export_final_model(ckpt_dir, output / FINAL_MODEL_DIR,
                                              info={"epochs": state["epoch"]})
-    results = write_results(cfg, state["history"])
+    # skipped_images: in the state of a data.on_bad_image=skip run only
+    results = write_results(cfg, state["history"], state.get("skipped_images"))
     print(format_table(results), flush=True)
     print(f"results: {results_path(cfg)}\ncheckpoint: {result.checkpoint.path}", flush=True)
     if final_model is not None:

@@ -1,9 +1,10 @@
 """The one epoch loop every method runs, and the pieces it shares.
 
 A method (``SourceSteps`` here for ``source_only`` / ``oracle``, ``adaptation.GCKDSteps`` for
-``gckd``) gives the loop two things: its epoch's batches (the items and the ``prepare`` that
-turns one into tensors on the device, run ahead in a thread with ``train.prefetch``), and its
-step's forward (named losses, step statistics and what to do after the optimizer step: the
+``gckd``) gives the loop two things: its epoch's batches (the items, the ``load`` that reads one
+into host tensors, run in loader processes with ``train.loader_processes``, and the ``prepare``
+that turns a loaded batch into tensors on the device, augmentation included, run ahead in a
+thread with ``train.prefetch``), and its step's forward (named losses, step statistics and what to do after the optimizer step: the
 EMA update and the memory push). The loop owns everything else, in this order per step:
 forward, backward and optimizer step, the method's after-step, running sums, progress line.
 """
@@ -11,7 +12,8 @@ forward, backward and optimizer step, the method's after-step, running sums, pro
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,6 +21,7 @@ import torch
 
 from gckd_ray.config import Config
 from gckd_ray.data.datasets import PairedSplit
+from gckd_ray.data.loader import load_batches
 from gckd_ray.data.prefetch import Prefetcher
 from gckd_ray.data.transforms import normalize
 
@@ -51,8 +54,11 @@ class StepResult:
 
 
 class StepMethod(Protocol):
-    def epoch_batches(self, epoch: int) -> tuple[Sequence[Any], Callable[[Any], Any]]:
-        """The epoch's batch items and the ``prepare`` that makes one ready for ``forward``."""
+    def epoch_batches(self, epoch: int
+                      ) -> tuple[Sequence[Any], Callable[[Any], Any], Callable[[Any], Any]]:
+        """The epoch's batch items, the ``load`` that reads one into host tensors (no random
+        draws: any process may run it) and the ``prepare`` that makes a loaded batch ready for
+        ``forward`` (called in item order: it draws the augmentation)."""
 
     def forward(self, model, batch: Any, epoch: int, step: int, steps: int) -> StepResult:
         """The step's forward on a prepared batch."""
@@ -66,10 +72,10 @@ def run_epoch(model, scheduler, method: StepMethod, epoch: int, cfg: Config, log
     """One epoch of ``method``'s steps; returns the mean of each named loss and statistic.
     ``log`` (a ``MetricsLog``, rank 0) prints and records the progress reports."""
     model.train()
-    items, prepare = method.epoch_batches(epoch)
+    items, load, prepare = method.epoch_batches(epoch)
     sums: dict[str, float] = {}
     start = time.perf_counter()
-    with Prefetcher(items, prepare, enabled=cfg.train.prefetch) as prepared:
+    with prepared_batches(items, load, prepare, cfg) as prepared:
         for step, batch in enumerate(prepared):
             out = method.forward(model, batch, epoch, step, len(items))
             out.after_step(engine_step(model, out.losses["loss"]))
@@ -84,6 +90,25 @@ def run_epoch(model, scheduler, method: StepMethod, epoch: int, cfg: Config, log
     return {k: v / len(items) for k, v in sums.items()}
 
 
+@contextmanager
+def prepared_batches(items: Sequence[Any], load: Callable[[Any], Any],
+                     prepare: Callable[[Any], Any], cfg: Config) -> Iterator[Iterable[Any]]:
+    """``prepare(load(item))`` for each item, in order: ``load`` in ``train.loader_processes``
+    loader processes, ``prepare`` a step ahead in a thread with ``train.prefetch``. Leaving the
+    block stops both, also after an error."""
+    loaded = load_batches(items, load, loader_processes(cfg),
+                          pin_memory=cfg.train.use_gpu and torch.cuda.is_available())
+    with closing(loaded), Prefetcher(loaded, prepare, enabled=cfg.train.prefetch) as prepared:
+        yield prepared
+
+
+def loader_processes(cfg: Config) -> int:
+    """``train.loader_processes`` with -1 resolved: ``train.cpus_per_worker`` on GPU, else 0."""
+    if cfg.train.loader_processes >= 0:
+        return cfg.train.loader_processes
+    return int(cfg.train.cpus_per_worker) if cfg.train.use_gpu else 0
+
+
 class SourceSteps:
     """``source_only`` and ``oracle``: identity-balanced labelled pairs, the retriever's losses."""
 
@@ -91,10 +116,11 @@ class SourceSteps:
         self.split, self.sampler, self.augment, self.device = split, sampler, augment, device
 
     def epoch_batches(self, epoch: int):
-        def prepare(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-            batch = to_device(self.split.batch(idx), self.device)
+        def prepare(loaded: dict[str, torch.Tensor]
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            batch = to_device(loaded, self.device)
             return normalize(self.augment(batch.pop("images"))), batch
-        return self.sampler.epoch(epoch), prepare
+        return self.sampler.epoch(epoch), self.split.batch, prepare
 
     def forward(self, model, batch, epoch: int, step: int, steps: int) -> StepResult:
         images, tensors = batch

@@ -14,7 +14,9 @@ scored nothing), after which ``curves.png`` is redrawn (from the train and eval 
 with ``method=gckd`` after each target pseudo-id refresh of the memory ``{"kind": "refresh",
 "step": <steps done before it>, "epoch", "num_clusters", "image_coverage", "text_coverage",
 "mean_cluster_size", "num_nodes", "num_edges", "seconds"}``
-(``MemoryBank.refresh_pseudo_ids``). Steps count the epoch loop's batches (micro-batches under
+(``MemoryBank.refresh_pseudo_ids``), and with ``data.on_bad_image=skip`` after each epoch
+``{"kind": "skipped_images", "step", "epoch", "epochs", "count": <bad image files met so far,
+all workers>, "files": [...]}``. Steps count the epoch loop's batches (micro-batches under
 gradient accumulation) from the start of the run.
 
 Resume (``run.resume`` or Ray Train's restart after a failure) starts from a checkpoint after
@@ -100,6 +102,13 @@ class MetricsLog:
         self._append({"kind": "refresh", "step": epoch * self.steps_per_epoch + step,
                       "epoch": epoch + 1, **stats, "time": time.time()})
 
+    def skipped_images(self, epoch: int, files: list[str]) -> None:
+        """Append the image files that did not decode and were replaced so far, after ``epoch``
+        (1-based) epochs (``data.on_bad_image=skip``)."""
+        self._append({"kind": "skipped_images", "step": epoch * self.steps_per_epoch,
+                      "epoch": epoch, "epochs": self.epochs, "count": len(files),
+                      "files": files, "time": time.time()})
+
     def evaluation(self, epoch: int, metrics: dict[str, float], split: str = "") -> None:
         """Append the target metrics of ``split`` after ``epoch`` (1-based) epochs; redraw
         curves.png."""
@@ -130,6 +139,10 @@ def console_line(record: dict[str, Any]) -> str | None:
         return (f"[epoch {record['epoch']}/{record['epochs']}] target {record['split']}: "
                 + " ".join(f"{k}={v:.2f}" for k, v in record["metrics"].items()
                            if not k.startswith("num_")))
+    if record["kind"] == "skipped_images":
+        shown = ", ".join(record["files"][:3]) + (", ..." if record["count"] > 3 else "")
+        return (f"[epoch {record['epoch']}/{record['epochs']}] skipped images "
+                f"(data.on_bad_image=skip): {record['count']}" + (f" ({shown})" if shown else ""))
     if record["kind"] == "note":
         return record["text"]
     return None

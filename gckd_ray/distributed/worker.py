@@ -21,6 +21,7 @@ import torch
 
 from gckd_ray.checkpoint_format import load_memory_state
 from gckd_ray.config import Config, config_from_dict
+from gckd_ray.data.bad_images import BadImages
 from gckd_ray.data.datasets import (IdentityBalancedSampler, PairedSplit, UnpairedTarget,
                                     labelled_domain, load_records, load_split, load_unpaired,
                                     sample_unpaired)
@@ -36,6 +37,7 @@ from gckd_ray.distributed.loop import SourceSteps, run_epoch
 from gckd_ray.distributed.metrics_log import MetricsLog
 from gckd_ray.evaluate import (encode_split, mutual_nn_agreement, rerank_split,
                                retrieval_metrics_from_embeddings)
+from gckd_ray.model.collectives import all_gather_objects
 from gckd_ray.model.gckd import build_gckd
 from gckd_ray.model.momentum import unwrap
 from gckd_ray.model.retriever import build_retriever
@@ -62,10 +64,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     device = ray.train.torch.get_device()
     tokenizer = load_tokenizer(tokenizer_dir)
+    bad = BadImages() if cfg.data.on_bad_image == "skip" else None
 
-    train_split = load_split(cfg, labelled_domain(cfg), "train", tokenizer, verbose=rank == 0)
-    test_split = load_split(cfg, cfg.data.target, "test", tokenizer, verbose=rank == 0)
-    selection = _label_free_set(cfg, tokenizer)
+    train_split = load_split(cfg, labelled_domain(cfg), "train", tokenizer, verbose=rank == 0,
+                             bad_images=bad)
+    test_split = load_split(cfg, cfg.data.target, "test", tokenizer, verbose=rank == 0,
+                            bad_images=bad)
+    selection = _label_free_set(cfg, tokenizer, bad)
     sampler = IdentityBalancedSampler(train_split.labels, cfg.train.batch_size,
                                       cfg.train.instances_per_id, cfg.run.seed, rank, world,
                                       unit=cfg.train.epoch_unit)
@@ -91,13 +96,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             unwrap(model).ema_state.load_state_dict(extras.get("ema", {}))
         if memory_state is not None:  # the memory as it was at this checkpoint
             memory.load_state(memory_state)
+        # Bad files found before the resume stay counted, whether or not this run meets them
+        # again (skipping a known one without decoding it gives the same stand-in).
+        for path in state.get("skipped_images", []) if bad is not None else []:
+            bad.add(path, "found before the resume")
     log = (MetricsLog(cfg.run.output_dir, state["epoch"], sampler.steps_per_epoch,
                       cfg.train.epochs, cfg.train.batch_size * world) if rank == 0 else None)
     if log is not None and checkpoint:
         log.note(state["epoch"], f"resumed from checkpoint after epoch {state['epoch']}")
 
     if gckd:
-        feed = TargetFeed(load_unpaired(cfg, tokenizer, verbose=rank == 0), cfg, rank, world)
+        feed = TargetFeed(load_unpaired(cfg, tokenizer, verbose=rank == 0, bad_images=bad),
+                          cfg, rank, world)
         method = GCKDSteps(train_split, sampler, feed, memory, augment, cfg, device, rank, log)
     else:
         method = SourceSteps(train_split, sampler, augment, device)
@@ -108,10 +118,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         stopping = _stops_after(cfg, epoch, first_epoch)
         metrics = evaluate_target(unwrap(model), test_split, device, cfg, selection,
                                   test=stopping or evaluates_test(cfg, epoch + 1))
-        state = {"epoch": epoch + 1,
-                 "history": state["history"] + [{"epoch": epoch + 1, **losses, **metrics}]}
+        row = {"epoch": epoch + 1, **losses, **metrics}
+        state = {"epoch": epoch + 1, "history": state["history"] + [row]}
         if log is not None and metrics:
             log.evaluation(epoch + 1, metrics, test_split.name)
+        if bad is not None:
+            state["skipped_images"] = skipped_images(bad)
+            row["skipped_images"] = len(state["skipped_images"])
+            if log is not None:
+                log.skipped_images(epoch + 1, state["skipped_images"])
         if gckd and rank == 0:
             memory.autosave()  # the memory restarts from here if its actor dies
         extras = {"torch_rng": torch.get_rng_state(),
@@ -142,13 +157,20 @@ def _stops_after(cfg: Config, epoch: int, first_epoch: int) -> bool:
         epoch + 1 - first_epoch >= cfg.run.stop_after_epochs
 
 
-def _label_free_set(cfg: Config, tokenizer) -> UnpairedTarget | None:
+def _label_free_set(cfg: Config, tokenizer, bad: BadImages | None) -> UnpairedTarget | None:
     """Unlabelled, unpaired target training images and captions for ``target_mnn``."""
     if not cfg.train.label_free_samples:
         return None
     return sample_unpaired(load_records(cfg, cfg.data.target, "train"), tokenizer,
                            cfg.data.text_length, (cfg.data.image_height, cfg.data.image_width),
-                           cfg.data.cache_images, cfg.train.label_free_samples, cfg.run.seed)
+                           cfg.data.cache_images, cfg.train.label_free_samples, cfg.run.seed,
+                           bad)
+
+
+def skipped_images(bad: BadImages) -> list[str]:
+    """The bad image files of every rank, sorted (a collective: every rank calls it). Ranks
+    that cache a split all meet its bad files; ranks that decode per batch meet their own."""
+    return sorted({path for files in all_gather_objects(bad.files()) for path in files})
 
 
 def evaluate_target(module, split: PairedSplit, device: torch.device, cfg: Config,

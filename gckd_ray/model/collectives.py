@@ -116,3 +116,14 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
         moved = x.to(_group_device(x), copy=True).contiguous()
         dist.broadcast(moved, src=src)
         return moved.to(x.device)
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's picklable ``obj`` in rank order (``[obj]`` without a process group). Small
+    per-epoch bookkeeping only: objects travel pickled."""
+    _, world = rank_and_world()
+    if world == 1:
+        return [obj]
+    out: list[object] = [None] * world
+    dist.all_gather_object(out, obj)
+    return out

@@ -141,6 +141,22 @@ def test_data_loading_smoke(synth_cache, tmp_path):
     assert result["torch_threads"] == 1  # as a Ray Train worker with train.cpus_per_worker=1
 
 
+def test_data_loading_loaders_smoke_against_the_h100_need(synth_cache):
+    from benchmarks import data_loading
+
+    result = data_loading.main(["--loaders", "--smoke", "--processes", "0,1",
+                                f"data.synth_cache={synth_cache}",
+                                f"data.synth_scale={SYNTH_SCALE}"])
+    assert set(result["samples_per_s"]) == {"0", "1"}
+    assert all(rate > 0 for rate in result["samples_per_s"].values())
+    h100 = result["h100"]
+    counted = h100["counted_tflop"]
+    assert counted["8"] > counted["4"] > 0 and h100["step_tflop"] == pytest.approx(counted["8"])
+    assert h100["samples_per_s_needed"] == pytest.approx(
+        989e12 * 0.4 / (h100["gflop_per_sample"] * 1e9))
+    assert result["processes_needed_at_one_process_rate"] >= 1
+
+
 def test_checkpoint_size_smoke_compares_the_old_and_the_lean_checkpoint(capsys):
     from benchmarks import checkpoint_size
 
@@ -153,3 +169,18 @@ def test_checkpoint_size_smoke_compares_the_old_and_the_lean_checkpoint(capsys):
     assert set(result["checkpoint_files_after"]) >= {"model.pt", "rank000.pt", "state.json"}
     assert result["once_per_run"]["final_model_bytes"] > 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+
+
+@pytest.mark.slow
+def test_framework_tax_smoke_times_plain_and_ray_steps(capsys):
+    # Both sides of both methods run their real code path; no timing is asserted.
+    from benchmarks import framework_tax
+
+    result = framework_tax.main(["--smoke", "--epochs", "2"])
+    assert set(result["methods"]) == {"source_only", "gckd"}
+    for m in result["methods"].values():
+        assert m["plain_steps_per_s"] > 0 and m["gckd_ray_steps_per_s"] > 0
+        assert m["ratio"] == pytest.approx(m["plain_steps_per_s"] / m["gckd_ray_steps_per_s"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {"plain_steps_per_s", "gckd_ray_steps_per_s", "ratio"} <= set(last)
+    assert last["ratio"] == pytest.approx(result["ratio"]) and result["ratio"] > 0

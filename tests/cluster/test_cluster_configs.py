@@ -1,7 +1,8 @@
 """cluster/: the launcher YAMLs pass Ray's own schema validation (as ``ray up`` runs it), scale
-GPU workers from 0, install the project with its constraints and start Ray with token auth and a
-private dashboard; the KubeRay manifests carry the fields the ray.io/v1 CRDs need, the same
-guarantees, and no token (DESIGN.md sections 7 and 8)."""
+GPU workers from 0, install the project with its constraints, mount the data and model volumes
+and start Ray with token auth and a private dashboard; the KubeRay manifests carry the fields the
+ray.io/v1 CRDs need, the same guarantees, the two volumes on every pod, no token, and the RayJob
+runs a real protocol from the mounted paths (DESIGN.md sections 7 and 8)."""
 
 import copy
 import re
@@ -20,6 +21,8 @@ LAUNCHERS = ["aws.yaml", "gcp.yaml", "local.yaml"]
 CLOUD_LAUNCHERS = ["aws.yaml", "gcp.yaml"]
 TOKEN_DIR = "~/.gckd-ray-auth"
 IMAGE_REPO_ROOT = "/home/ray/gckd-ray"  # where cluster/Dockerfile installs the checkout
+# The data volume and the model volume, where experiments/configs/real_*.yaml look.
+VOLUMES = {"/data": "gckd-ray-data", "/models": "gckd-ray-models"}
 
 
 def _launcher(name: str) -> tuple[dict, dict]:
@@ -87,6 +90,21 @@ def test_every_node_installs_the_project_with_its_constraints(name):
     assert not any("whl/cpu" in c for c in prepared["worker_setup_commands"])
 
 
+@pytest.mark.parametrize("name", CLOUD_LAUNCHERS)
+def test_cloud_containers_mount_the_data_and_model_volumes_read_only(name):
+    _, prepared = _launcher(name)
+    options = prepared["docker"]["run_options"]
+    for path in VOLUMES:
+        assert f"-v /mnt{path}:{path}:ro" in options, (path, options)
+        assert any("mkdir -p" in c and f"/mnt{path}" in c
+                   for c in prepared["initialization_commands"]), path
+
+
+def test_local_machines_are_checked_for_the_data_and_model_volumes():
+    _, prepared = _launcher("local.yaml")
+    assert any("/data /models" in c and "test -d" in c for c in prepared["setup_commands"])
+
+
 @pytest.mark.parametrize("name", LAUNCHERS)
 def test_ray_starts_with_token_auth_and_a_loopback_dashboard(name):
     _, prepared = _launcher(name)
@@ -127,13 +145,26 @@ def _check_cluster_spec(spec: dict) -> None:
         assert "nvidia.com/gpu" not in container["resources"]["limits"]
         _check_auth_env(container, secret)
     assert spec["workerGroupSpecs"]
+    _check_volumes(head["template"]["spec"])
     for group in spec["workerGroupSpecs"]:
         assert group["groupName"] and isinstance(group["rayStartParams"], dict)
         assert group["minReplicas"] == 0 and group.get("replicas", 0) == 0
         assert group["maxReplicas"] > 0
+        _check_volumes(group["template"]["spec"])
         for container in group["template"]["spec"]["containers"]:
             assert int(container["resources"]["limits"]["nvidia.com/gpu"]) > 0
             _check_auth_env(container, secret)
+
+
+def _check_volumes(pod: dict) -> None:
+    """Every container mounts the data and model claims read-only at /data and /models."""
+    claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"]
+              if "persistentVolumeClaim" in v}
+    for container in pod["containers"]:
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        for path, claim in VOLUMES.items():
+            assert mounts[path]["readOnly"] is True, (container["name"], path)
+            assert claims[mounts[path]["name"]] == {"claimName": claim, "readOnly": True}
 
 
 def _check_auth_env(container: dict, secret: str) -> None:
@@ -164,6 +195,15 @@ def test_kuberay_rayjob_manifest_runs_training_the_config_accepts():
     config = Path(argv[4].replace(IMAGE_REPO_ROOT, str(CLUSTER.parent)))
     cfg = load_config(config, argv[5:])  # the job would not stop on a config error
     assert cfg.train.use_gpu is True
+    # A real protocol (not SynthPEDES) read from the data and model volumes.
+    assert config.name.startswith("real_") and cfg.method == "gckd"
+    assert cfg.data.source.name == "cuhk-pedes" and cfg.data.target.name == "icfg-pedes"
+    for path in (cfg.data.source.root, cfg.data.target.root, cfg.model.pretrained):
+        assert any(path.startswith(volume + "/") for volume in VOLUMES), path
+    # Each worker fills one 8-CPU GPU pod, its CPUs the loader processes.
+    for group in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]:
+        for container in group["template"]["spec"]["containers"]:
+            assert cfg.train.cpus_per_worker == float(container["resources"]["limits"]["cpu"])
     assert cfg.run.output_dir.startswith("/mnt/shared/")  # on the claim every pod mounts
     groups = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert cfg.train.num_workers <= sum(g["maxReplicas"] for g in groups)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from gckd_ray.config import load_config
-from gckd_ray.data.datasets import build_split, load_split, load_unpaired
+from gckd_ray.data.datasets import build_split, build_unpaired, load_split, load_unpaired
 from gckd_ray.config import DATASET_NAMES
 from gckd_ray.data.datasets import load_domain
 from gckd_ray.data.formats import (FORMATS, SYNTH_FORMATS, DatasetFormatError, DomainRecords,
@@ -462,3 +462,108 @@ def test_skip_counts_per_cause_are_printed_at_start_up(tmp_path, capsys):
     summary = ("cuhk-pedes/train: 3 captions, 2 images, 2 ids; skipped 4 (duplicate image: 1, "
                "empty caption: 1, undecodable image: 1, unsafe path: 1)")
     assert capsys.readouterr().out.splitlines() == [summary, summary]
+
+
+# ---------------------------------------------------------------- data.on_bad_image=skip
+
+
+def _person_with_two_images(tmp_path: Path) -> tuple[Path, Path]:
+    """cuhk-pedes train split: persons 1, 2, 4 with one image, person 3 with two; returns
+    (person 3's first image, its second)."""
+    second = _with(_record("cuhk-pedes", 3), file_path="train/0003/0003_1.png")
+    _make(tmp_path, "cuhk-pedes", [_record("cuhk-pedes", 1), _record("cuhk-pedes", 3),
+                                   _record("cuhk-pedes", 2), second, _record("cuhk-pedes", 4)])
+    folder = tmp_path / "imgs" / "train" / "0003"
+    return folder / "0003_0.png", folder / "0003_1.png"
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_skip_replaces_a_bad_image_by_the_next_image_of_the_same_person(tmp_path, cache):
+    from gckd_ray.data.bad_images import BadImages
+
+    bad_file, stand_in = _person_with_two_images(tmp_path)
+    Image.fromarray(np.full((8, 4, 3), 200, np.uint8)).save(stand_in)
+    _spoil(bad_file, "truncated-jpeg")
+    domain = read_annotations("cuhk-pedes", tmp_path, "train")
+    bad = BadImages()
+    split = build_split(domain, _tokenizer(domain), 8, (8, 4), cache_images=cache, bad_images=bad)
+    rows = torch.arange(len(split.images))
+    images = split.images.fetch(rows)
+    assert split.images.paths[1] == str(bad_file) and split.images.paths[3] == str(stand_in)
+    assert torch.equal(images[1], images[3]) and (images[1] == 200).all()
+    assert len(split.images) == 5 and split.image_labels.tolist() == [0, 2, 1, 2, 3]
+    assert torch.equal(split.images.fetch(rows), images)  # the same stand-in every time
+    assert bad.files() == [str(bad_file)]  # counted once, however often it is read
+
+
+def test_skip_replaces_a_bad_target_training_image_by_the_next_image(tmp_path):
+    from gckd_ray.data.bad_images import BadImages
+
+    _dataset_with_bad(tmp_path, "rstpreid", _record("rstpreid", 3))
+    _spoil(tmp_path / "imgs" / "0003_c1_0.png", "text")
+    domain = read_annotations("rstpreid", tmp_path, "train")
+    bad = BadImages()
+    target = build_unpaired(domain, _tokenizer(domain), 8, (8, 4), cache_images=False,
+                            bad_images=bad)
+    paths = target.images.paths  # sorted by key, no ids: the stand-in is the next image
+    row = paths.index(str(tmp_path / "imgs" / "0003_c1_0.png"))
+    images = target.images.fetch(torch.arange(len(paths)))
+    assert torch.equal(images[row], images[row + 1])
+    assert bad.files() == [paths[row]]
+
+
+def test_skip_fails_when_no_image_of_the_person_decodes(tmp_path):
+    from gckd_ray.data.bad_images import BadImages
+
+    bad_file, stand_in = _person_with_two_images(tmp_path)
+    _spoil(bad_file, "truncated-png")
+    _spoil(stand_in, "text")
+    domain = read_annotations("cuhk-pedes", tmp_path, "train")
+    bad = BadImages()
+    with pytest.raises(DatasetFormatError, match=r"record 1: image .*0003_0.png does not decode, "
+                                                 r"nor does any other image of person 3"):
+        build_split(domain, _tokenizer(domain), 8, (8, 4), cache_images=True, bad_images=bad)
+    assert bad.files() == [str(bad_file), str(stand_in)]
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_a_root_without_imgs_names_the_folders_tried_and_the_layout(tmp_path, fmt):
+    _make(tmp_path, fmt, [_record(fmt, 1), _record(fmt, 2)])
+    (tmp_path / "imgs").rename(tmp_path / "images")
+    for policy in ("error", "skip"):
+        with pytest.raises(DatasetFormatError) as err:
+            read_annotations(fmt, tmp_path, "train", on_bad_record=policy)
+        message = str(err.value)
+        assert message.startswith(f"{tmp_path}: no image folder imgs/ (folders tried: "
+                                  f"{tmp_path / 'imgs'}, {tmp_path}); {tmp_path} holds: "
+                                  f"{', '.join(sorted([FORMATS[fmt].annotation, 'images/']))}. "
+                                  f"A {fmt} root holds "
+                                  f"{FORMATS[fmt].annotation} and imgs/")
+        assert FORMATS[fmt].images in message
+
+
+def test_a_root_with_the_images_unpacked_beside_the_annotation_says_where_they_are(tmp_path):
+    _make(tmp_path, "rstpreid", [_record("rstpreid", 1), _record("rstpreid", 2)])
+    for image in (tmp_path / "imgs").iterdir():
+        image.rename(tmp_path / image.name)
+    (tmp_path / "imgs").rmdir()
+    with pytest.raises(DatasetFormatError, match=r"the first record's 0001_c1_0.png is at "
+                                                 rf"{tmp_path}/0001_c1_0.png: move the images "
+                                                 r"into imgs/"):
+        read_annotations("rstpreid", tmp_path, "train")
+
+
+def test_train_stops_on_a_root_without_imgs_before_ray_starts(tmp_path, capsys):
+    import ray
+
+    from gckd_ray.train import main
+
+    _make(tmp_path / "data", "icfg-pedes", [_record("icfg-pedes", p) for p in range(1, 5)])
+    (tmp_path / "data" / "imgs").rename(tmp_path / "data" / "pictures")
+    code = main(["data.target.name=icfg-pedes", f"data.target.root={tmp_path / 'data'}",
+                 f"run.output_dir={tmp_path / 'run'}", "data.on_bad_image=skip"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"data error: {tmp_path / 'data'}: no image folder imgs/ "
+                             f"(folders tried: {tmp_path / 'data' / 'imgs'}")
+    assert not ray.is_initialized() and not (tmp_path / "run" / "ray").exists()

@@ -1,5 +1,5 @@
 """The worker's target feed (independent streams when unpaired, pairs together when paired), the
-epoch's batches through the prefetcher, the bucketed teacher push on 2 gloo ranks, and the smoke
+epoch's batches through loader processes and the prefetcher, the bucketed teacher push on 2 gloo ranks, and the smoke
 run of the GCKD overhead benchmark (memory actor + graph build per step)."""
 
 import numpy as np
@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from gckd_ray.config import load_config
 from gckd_ray.data.datasets import (Captions, IdentityBalancedSampler, PairedSplit,
                                     UnpairedTarget, load_split, load_unpaired)
-from gckd_ray.data.prefetch import Prefetcher
 from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.transforms import TrainAugment, normalize
-from gckd_ray.distributed.adaptation import TargetFeed, push_teacher, step_batches, views
+from gckd_ray.distributed.adaptation import GCKDSteps, TargetFeed, push_teacher, views
+from gckd_ray.distributed.loop import loader_processes, prepared_batches
 from gckd_ray.model.centring import SOURCE, TARGET
 from gckd_ray.model.memory_bank import MemoryBank
 from gckd_ray.model.collectives import all_gather_many, all_gather_no_grad
@@ -57,35 +57,54 @@ def test_paired_feed_brings_each_captions_own_image():
         assert torch.equal(images, image_of[captions])
 
 
-def test_epoch_batches_through_the_prefetcher_equal_the_plain_loop(tiny_config):
-    """GCKDSteps' data path (real-format files decoded per step, both views) over two epochs:
-    the same batches and the same augmentation state at each epoch end (what a checkpoint
-    saves) with and without the background thread."""
-    cfg = tiny_config("data.cache_images=false")
-    tokenizer = WordTokenizer.build(["a"])
-    split = load_split(cfg, cfg.data.source, "train", tokenizer)
-    feed = TargetFeed(load_unpaired(cfg, tokenizer), cfg, rank=1, world=2)
-    sampler = IdentityBalancedSampler(split.labels, 16, 2, cfg.run.seed, rank=1, world_size=2)
+@pytest.mark.parametrize("processes, prefetch", [(0, True), (2, False), (2, True)])
+def test_epoch_batches_equal_the_plain_loop_with_loader_processes_and_prefetch(
+        tiny_config, processes, prefetch):
+    """GCKDSteps' data path as run_epoch runs it (real-format files decoded per step, both
+    views) over two epochs: with loader processes and/or the background thread, the same
+    batches, the same augmentation state at each epoch end (what a checkpoint saves) and an
+    untouched global torch generator, as the plain in-process loop."""
     runs = {}
-    for prefetch in (False, True):
+    for variant in ((0, False), (processes, prefetch)):
+        cfg = tiny_config("data.cache_images=false", "gckd.warmup_epochs=0",
+                          "gckd.strong_views=student", f"train.loader_processes={variant[0]}",
+                          f"train.prefetch={variant[1]}")
+        tokenizer = WordTokenizer.build(["a"])
+        split = load_split(cfg, cfg.data.source, "train", tokenizer)
+        feed = TargetFeed(load_unpaired(cfg, tokenizer), cfg, rank=1, world=2)
+        sampler = IdentityBalancedSampler(split.labels, 16, 2, cfg.run.seed, rank=1,
+                                          world_size=2)
         augment = TrainAugment(seed=5)
-        prepare = step_batches(split, feed, augment, "student", torch.device("cpu"))
+        method = GCKDSteps(split, sampler, feed, None, augment, cfg, torch.device("cpu"),
+                           rank=1, log=None)
+        torch.manual_seed(0)
         got, states = [], []
         for epoch in range(2):
-            batches = sampler.epoch(epoch)[:4]
-            items = list(zip(batches, feed.epoch(epoch, len(batches))))
-            with Prefetcher(items, prepare, enabled=prefetch) as prepared:
+            items, load, prepare = method.epoch_batches(epoch)
+            with prepared_batches(items[:4], load, prepare, cfg) as prepared:
                 got += list(prepared)
             states.append(augment.state_dict()["generator"])
-        runs[prefetch] = got, states
-    (plain, plain_states), (fetched, fetched_states) = runs[False], runs[True]
-    assert len(plain) == len(fetched) == 8
-    for (idx, src, tgt), (idx2, src2, tgt2) in zip(plain, fetched):
-        assert torch.equal(idx, idx2) and src.keys() == src2.keys() and tgt.keys() == tgt2.keys()
+        runs[variant] = got, states, torch.get_rng_state()
+    (plain, plain_states, plain_rng), (other, other_states, other_rng) = runs.values()
+    assert len(plain) == len(other) == 8
+    for (idx, src, tgt), (idx2, src2, tgt2) in zip(plain, other):
+        assert torch.equal(idx, idx2)
+        assert list(src) == list(src2) and list(tgt) == list(tgt2)  # same keys, same order
         assert {"images", "teacher_images", "image_rows"} <= src.keys() | tgt.keys()
         assert all(torch.equal(src[k], src2[k]) for k in src)
         assert all(torch.equal(tgt[k], tgt2[k]) for k in tgt)
-    assert all(torch.equal(a, b) for a, b in zip(plain_states, fetched_states))
+    assert all(torch.equal(a, b) for a, b in zip(plain_states, other_states))
+    assert torch.equal(plain_rng, other_rng)
+
+
+def test_loader_processes_follow_the_cpus_of_a_gpu_worker_and_stay_off_on_cpu():
+    def processes(*overrides):
+        return loader_processes(load_config(None, list(overrides)))
+    assert processes("train.cpus_per_worker=8") == 0  # CPU workers fill their cores already
+    assert processes("train.cpus_per_worker=8", "train.use_gpu=true") == 8
+    assert processes("train.cpus_per_worker=0.49", "train.use_gpu=true") == 0
+    assert processes("train.loader_processes=3") == 3
+    assert processes("train.loader_processes=0", "train.use_gpu=true") == 0
 
 
 # ---- push_teacher's bucketed all-gathers: 2 gloo ranks ---------------------------------------

@@ -57,3 +57,32 @@ def test_a_truncated_image_in_a_worker_stops_the_run_with_one_line_and_no_retry(
     assert "DatasetFormatError" not in run.stderr
     # The source split is read once: the workers were not started a second time.
     assert run.stdout.count("synth-cuhk/train: ") == 1, run.stdout
+
+
+@pytest.mark.slow
+def test_with_on_bad_image_skip_a_truncated_image_is_replaced_counted_and_reported(synth_cache,
+                                                                                    tmp_path):
+    target = shutil.copytree(next(synth_cache.glob("*/synth-icfg")), tmp_path / "icfg")
+    records = json.loads((target / "ICFG-PEDES.json").read_text())
+    bad = target / "imgs" / next(r for r in records if r["split"] == "test")["file_path"]
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # a truncated image file
+    out = tmp_path / "run"
+    run = subprocess.run(
+        [sys.executable, "-m", "gckd_ray.train", "method=source_only", "train.epochs=2",
+         "train.eval_every=0", "data.on_bad_image=skip", "data.target.name=icfg-pedes",
+         f"data.target.root={target}", f"data.synth_cache={synth_cache}",
+         f"data.synth_scale={SYNTH_SCALE}", f"run.output_dir={out}", "train.batch_size=16",
+         "model.hidden_size=32", "model.embed_dim=32", "model.num_layers=1",
+         "model.num_heads=2"],
+        capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # Both workers cache the test split and meet the same file: counted once, every epoch.
+    for epoch in (1, 2):
+        assert (f"[epoch {epoch}/2] skipped images (data.on_bad_image=skip): 1 ({bad})"
+                in run.stdout), run.stdout
+    assert "skipped images (data.on_bad_image=skip): 1\n" in run.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["skipped_images"] == {"count": 1, "files": [str(bad)]}
+    assert [row["skipped_images"] for row in results["history"]] == [1, 1]
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["count"] for r in logged if r["kind"] == "skipped_images"] == [1, 1]
