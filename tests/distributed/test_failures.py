@@ -35,13 +35,19 @@ def test_an_input_error_is_raised_at_once_and_a_fault_is_retried():
     assert policy.make_decision(_failed(RuntimeError("OOM"))) == FailureDecision.RETRY
 
 
-@pytest.mark.slow
-def test_a_truncated_image_in_a_worker_stops_the_run_with_one_line_and_no_retry(synth_cache,
-                                                                                tmp_path):
+def _target_with_a_truncated_test_image(synth_cache: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of synth-icfg in the ICFG-PEDES format with one test image cut in half."""
     target = shutil.copytree(next(synth_cache.glob("*/synth-icfg")), tmp_path / "icfg")
     records = json.loads((target / "ICFG-PEDES.json").read_text())
     bad = target / "imgs" / next(r for r in records if r["split"] == "test")["file_path"]
-    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # a truncated image file
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    return target, bad
+
+
+@pytest.mark.slow
+def test_a_truncated_image_in_a_worker_stops_the_run_with_one_line_and_no_retry(synth_cache,
+                                                                                tmp_path):
+    target, bad = _target_with_a_truncated_test_image(synth_cache, tmp_path)
     run = subprocess.run(
         [sys.executable, "-m", "gckd_ray.train", "method=source_only", "train.epochs=1",
          "train.max_failures=2", "data.target.name=icfg-pedes", f"data.target.root={target}",
@@ -62,10 +68,7 @@ def test_a_truncated_image_in_a_worker_stops_the_run_with_one_line_and_no_retry(
 @pytest.mark.slow
 def test_with_on_bad_image_skip_a_truncated_image_is_replaced_counted_and_reported(synth_cache,
                                                                                     tmp_path):
-    target = shutil.copytree(next(synth_cache.glob("*/synth-icfg")), tmp_path / "icfg")
-    records = json.loads((target / "ICFG-PEDES.json").read_text())
-    bad = target / "imgs" / next(r for r in records if r["split"] == "test")["file_path"]
-    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # a truncated image file
+    target, bad = _target_with_a_truncated_test_image(synth_cache, tmp_path)
     out = tmp_path / "run"
     run = subprocess.run(
         [sys.executable, "-m", "gckd_ray.train", "method=source_only", "train.epochs=2",
