@@ -92,9 +92,9 @@ def plain_run(cfg: Config) -> dict:
         stamped = []
         for epoch in range(cfg.train.epochs):
             model.train()
-            items, prepare = method.epoch_batches(epoch)
+            items, load, prepare = method.epoch_batches(epoch)
             for step, item in enumerate(items):
-                out = method.forward(model, prepare(item), epoch, step, len(items))
+                out = method.forward(model, prepare(load(item)), epoch, step, len(items))
                 optimizer.zero_grad(set_to_none=True)
                 out.losses["loss"].backward()
                 if cfg.train.grad_clip > 0:
