@@ -59,6 +59,7 @@ def plain_run(cfg: Config) -> dict:
     from gckd_ray.data.tokenizer import load_tokenizer
     from gckd_ray.data.transforms import TrainAugment
     from gckd_ray.distributed.adaptation import GCKDSteps, TargetFeed
+    from gckd_ray.distributed.deepspeed_config import param_groups
     from gckd_ray.distributed.launcher import prepare_tokenizer
     from gckd_ray.distributed.loop import SourceSteps
     from gckd_ray.distributed.worker import _lr_lambda
@@ -72,16 +73,18 @@ def plain_run(cfg: Config) -> dict:
         tokenizer = load_tokenizer(prepare_tokenizer(cfg, target))
         split = load_split(cfg, labelled_domain(cfg), "train", tokenizer)
         sampler = IdentityBalancedSampler(split.labels, cfg.train.batch_size,
-                                          cfg.train.instances_per_id, cfg.run.seed)
+                                          cfg.train.instances_per_id, cfg.run.seed,
+                                          unit=cfg.train.epoch_unit)
         torch.manual_seed(cfg.run.seed)
         gckd = cfg.method == "gckd"
         model = (build_gckd if gckd else build_retriever)(cfg, tokenizer, split.num_ids)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr,
-                                      weight_decay=cfg.train.weight_decay)
+        optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.train.lr, cfg.train.new_module_lr_scale),
+            lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _lr_lambda(cfg, sampler.steps_per_epoch))
-        augment = TrainAugment(seed=cfg.run.seed * 7919)
+        augment = TrainAugment(seed=cfg.run.seed * 7919, erase_prob=cfg.data.random_erasing)
         device = torch.device("cpu")
         if gckd:
             feed = TargetFeed(load_unpaired(cfg, tokenizer), cfg, 0, 1)

@@ -398,10 +398,11 @@ def rerank_split(encoder, head, split, device: torch.device, images: torch.Tenso
     encoder.eval(), head.eval()
     sim = texts @ images.t()  # (Q, G) on CPU
     rank, world = rank_and_world()
-    starts = list(range(0, len(sim), chunk))[rank::world]
+    blocks = range(0, len(sim), chunk)
+    starts = blocks[rank::world]
     # Every rank runs the same number of forwards (ZeRO-3 gathers parameters collectively in
     # each one): a rank out of blocks re-scores block 0 and drops the result.
-    rounds = -(-len(range(0, len(sim), chunk)) // world)
+    rounds = -(-len(blocks) // world)
     changed = []
     for i in range(rounds):
         start = starts[i] if i < len(starts) else 0
