@@ -163,6 +163,7 @@ def filled_memory_actor(cfg: Config, dim: int, name: str) -> Iterator:
             name, dim=dim, queue_size=cfg.gckd.queue_size, num_target_images=4 * NUM_IDS,
             num_target_texts=4 * NUM_IDS, restore_from="", pseudo_k=cfg.gckd.pseudo_k,
             pseudo_threshold=cfg.gckd.pseudo_threshold, pseudo_center=cfg.gckd.pseudo_center,
+            pseudo_image_k=cfg.gckd.pseudo_image_k,
             faiss_threads=cfg.gckd.refresh_threads,
             max_restarts=cfg.gckd.memory_max_restarts, seed=cfg.run.seed)
         fill_memory(client, cfg, dim)

@@ -127,6 +127,7 @@ class LocalMemory:
             dim, cfg.gckd.queue_size, len({r.image_key for r in target_records}),
             len(target_records), pseudo_k=cfg.gckd.pseudo_k,
             pseudo_threshold=cfg.gckd.pseudo_threshold, pseudo_center=cfg.gckd.pseudo_center,
+            pseudo_image_k=cfg.gckd.pseudo_image_k,
             faiss_threads=cfg.gckd.refresh_threads, seed=cfg.run.seed)
 
     def push(self, modality, features, domain, labels, indices) -> None:

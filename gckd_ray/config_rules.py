@@ -24,9 +24,9 @@ COMMANDS = ("train", "tune")
 
 _TINY_MODEL = ("model.embed_dim", "model.hidden_size", "model.num_layers", "model.num_heads",
                "model.patch_size")
-_ADAPTATION_WEIGHTS = ("loss.weights.cmkd", "loss.weights.gmp", "loss.weights.itm",
+_ADAPTATION_WEIGHTS = ("loss.weights.cmkd", "loss.weights.gmp", "loss.weights.itm", "loss.weights.i2i",
                        "loss.weights.csc", "loss.weights.mnf_triplet", "loss.weights.mnf_l1")
-_CMKD = ("distill.tau_s", "distill.tau_t", "distill.alpha", "loss.weights.cmkd")
+_DISTILL_TEMPERATURES = ("distill.tau_s", "distill.tau_t", "distill.alpha")  # CMKD and i2i
 _MNF_CSC = ("distill.mnf_hidden", "distill.mnf_margin", "distill.csc_tau0",
             "distill.csc_tau_min", "distill.csc_tau_max", "loss.weights.csc",
             "loss.weights.mnf_triplet", "loss.weights.mnf_l1")
@@ -62,7 +62,13 @@ INERT_GROUPS: tuple[InertGroup, ...] = (
                ("gckd.bridge_margin",)),
     InertGroup("graph.enabled=false", lambda c: not c.graph.enabled, _GRAPH),
     InertGroup("matching.enabled=false", lambda c: not c.matching.enabled, _MATCHING),
-    InertGroup("distill.mode is not cmkd", lambda c: c.distill.mode != "cmkd", _CMKD),
+    InertGroup("distill.mode is not cmkd", lambda c: c.distill.mode != "cmkd",
+               ("loss.weights.cmkd",)),
+    InertGroup("distill.mode is not cmkd and loss.weights.i2i=0",
+               lambda c: c.distill.mode != "cmkd" and not c.loss.weights.i2i,
+               _DISTILL_TEMPERATURES),
+    InertGroup("gckd.use_pseudo_ids=false", lambda c: not c.gckd.use_pseudo_ids,
+               ("gckd.pseudo_image_k",)),
     InertGroup("distill.mode is not mnf_csc", lambda c: c.distill.mode != "mnf_csc", _MNF_CSC),
     InertGroup("gckd.domain_centring=false", lambda c: not c.gckd.domain_centring,
                ("gckd.centring_momentum",)),

@@ -115,7 +115,7 @@ def start_memory(cfg: Config, run_name: str, records: list[Record]) -> MemoryCli
         num_target_images=len({r.image_key for r in records}), num_target_texts=len(records),
         restore_from=str(Path(cfg.run.output_dir) / "memory" / run_name),
         pseudo_k=cfg.gckd.pseudo_k, pseudo_threshold=cfg.gckd.pseudo_threshold,
-        pseudo_center=cfg.gckd.pseudo_center,
+        pseudo_center=cfg.gckd.pseudo_center, pseudo_image_k=cfg.gckd.pseudo_image_k,
         target_pairs=target_pairs(records) if cfg.data.target.paired else None,
         faiss_threads=cfg.gckd.refresh_threads, max_restarts=cfg.gckd.memory_max_restarts,
         seed=cfg.run.seed)

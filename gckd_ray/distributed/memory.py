@@ -115,8 +115,8 @@ class MemoryClient:
     @classmethod
     def create(cls, name: str, *, dim: int, queue_size: int, num_target_images: int,
                num_target_texts: int, restore_from: str, pseudo_k: int,
-               pseudo_threshold: float, pseudo_center: bool, faiss_threads: int, seed: int,
-               max_restarts: int, feature_dtype: str = "float32",
+               pseudo_threshold: float, pseudo_center: bool, pseudo_image_k: int,
+               faiss_threads: int, seed: int, max_restarts: int, feature_dtype: str = "float32",
                target_pairs: np.ndarray | None = None,
                namespace: str | None = None) -> "MemoryClient":
         """Start (or join, ``get_if_exists``) the named memory actor, wait until it answers and
@@ -137,6 +137,7 @@ class MemoryClient:
         ).remote(dim, queue_size, num_target_images, num_target_texts, pseudo_k=pseudo_k,
                  pseudo_threshold=pseudo_threshold, seed=seed, feature_dtype=feature_dtype,
                  faiss_threads=faiss_threads, pseudo_center=pseudo_center,
+                 pseudo_image_k=pseudo_image_k,
                  target_pairs=target_pairs,
                  restore_from=restore_from)
         ray.get(actor.ready.remote())  # surfaces a failed restore here, not at the first push

@@ -113,6 +113,10 @@ class GCKDDistiller(nn.Module):
         if not adapt:
             return StepOutput(losses, teacher, {})
         g_img, g_txt, g_tok = self._student(target, TARGET, with_tokens)          # (Bi|Bt, D)
+        if not self.gckd.target_text_grad:
+            g_txt = g_txt.detach()
+            if g_tok is not None:
+                g_tok = (g_tok[0], g_tok[1].detach(), g_tok[2])
         student = torch.cat([s_img, s_txt, g_img, g_txt])                        # (N, D)
         teacher_nodes = torch.cat([teacher["src_image"], teacher["src_text"],
                                    teacher["tgt_image"], teacher["tgt_text"]])
@@ -126,6 +130,9 @@ class GCKDDistiller(nn.Module):
         if self.distill.mode == "cmkd":
             losses["cmkd"] = self.weights.cmkd * self._cmkd(
                 (s_img, g_img, s_txt, g_txt), teacher, memory, pos_t2i, pos_i2t)
+        if self.weights.i2i:
+            losses["i2i"] = self.weights.i2i * self._i2i(torch.cat([s_img, g_img]), teacher,
+                                                         source, target, memory)
         elif self.distill.mode == "mnf_csc":
             losses.update(self._mnf_csc((s_img, g_img, s_txt, g_txt), teacher, source, target,
                                         memory, stats))
@@ -252,6 +259,23 @@ class GCKDDistiller(nn.Module):
                         torch.cat([teacher["src_image"], teacher["tgt_image"]]),
                         keys_txt, pos_i2t, d.tau_s, d.tau_t, d.alpha)
         return 0.5 * (t2i + i2t)
+
+    @record_function("gckd.i2i")
+    def _i2i(self, student_images, teacher, source, target, memory) -> torch.Tensor:
+        """Image-image CMKD: each student image (its strong view in the adaptation phase)
+        against the teacher's image keys [source; target; memory images], positives its own
+        teacher view and every key of its group (source id, target pseudo-id)."""
+        keys = torch.cat([teacher["src_image"], teacher["tgt_image"]])
+        with torch.no_grad():
+            groups, _ = self._group_keys(source, target, memory)
+            positives = _same_group(groups, groups)
+            positives |= torch.eye(len(groups), dtype=torch.bool, device=positives.device)
+            if memory is not None and self.gckd.use_memory:
+                keys = torch.cat([keys, memory.image])
+                positives = torch.cat([positives, _same_group(groups, memory.image_groups)], 1)
+        d = self.distill
+        return cmkd_loss(student_images, keys[: len(groups)], keys, positives, d.tau_s, d.tau_t,
+                         d.alpha)
 
     @record_function("gckd.mnf_csc")
     def _mnf_csc(self, students, teacher, source, target, memory, stats

@@ -73,6 +73,8 @@ class MemoryBank:
         pseudo_threshold: minimum cosine of a kept (mutual) edge (``gckd.pseudo_threshold``).
         pseudo_center: centre each modality's target features before the graph
             (``gckd.pseudo_center``).
+        pseudo_image_k: image-image mutual neighbours also joined in the graph
+            (``gckd.pseudo_image_k``; 0 = image-caption edges only).
         faiss_threads: OpenMP threads for the kNN search (``gckd.refresh_threads``; 0 leaves
             faiss' default: every core).
         seed: kept in the state for reproducible randomised refreshes; the mutual-kNN refresh
@@ -83,7 +85,7 @@ class MemoryBank:
 
     def __init__(self, dim: int, queue_size: int, num_target_images: int, num_target_texts: int,
                  *, pseudo_k: int, pseudo_threshold: float, pseudo_center: bool,
-                 faiss_threads: int, seed: int, feature_dtype: str = "float32",
+                 pseudo_image_k: int, faiss_threads: int, seed: int, feature_dtype: str = "float32",
                  target_pairs: np.ndarray | None = None):
         if dim <= 0 or queue_size <= 0 or num_target_images < 0 or num_target_texts < 0:
             raise ValueError("dim and queue_size must be > 0, target sizes >= 0")
@@ -94,11 +96,13 @@ class MemoryBank:
             raise ValueError(f"pseudo_k must be >= 1, got {pseudo_k}")
         if faiss_threads < 0:
             raise ValueError(f"faiss_threads must be >= 0, got {faiss_threads}")
+        if pseudo_image_k < 0:
+            raise ValueError(f"pseudo_image_k must be >= 0, got {pseudo_image_k}")
         self.dim, self.queue_size = dim, queue_size
         self.num_targets = {"image": num_target_images, "text": num_target_texts}
         self.pseudo_k, self.pseudo_threshold, self.seed = pseudo_k, float(pseudo_threshold), seed
         self.feature_dtype, self.faiss_threads = feature_dtype, faiss_threads
-        self.pseudo_center = pseudo_center
+        self.pseudo_center, self.pseudo_image_k = pseudo_center, pseudo_image_k
         # Paired-target variant: caption row -> image row of the target training set.
         self.target_pairs = None if target_pairs is None else self._check_pairs(target_pairs)
         self.version = 0         # +1 per push
@@ -214,7 +218,8 @@ class MemoryBank:
         prepare = centred_rows if self.pseudo_center else normalised_rows
         images, texts = (prepare(self._table[m][rows[m]]) for m in MODALITIES)
         image_ids, text_ids, num_edges = cross_modal_pseudo_ids(
-            images, texts, self.pseudo_k, self.pseudo_threshold, self.faiss_threads)
+            images, texts, self.pseudo_k, self.pseudo_threshold, self.faiss_threads,
+            self.pseudo_image_k)
         for m, ids in (("image", image_ids), ("text", text_ids)):
             self._pseudo[m].fill(-1)
             self._pseudo[m][rows[m]] = ids
@@ -354,15 +359,16 @@ class MemoryBank:
         return write_state(directory, self.state_dict())
 
     @classmethod
-    def load(cls, directory: str | Path, *, pseudo_center: bool,
+    def load(cls, directory: str | Path, *, pseudo_center: bool, pseudo_image_k: int,
              faiss_threads: int) -> "MemoryBank":
         """A bank rebuilt from ``directory/memory.npz``; the state does not hold the refresh's
-        ``pseudo_center`` and ``faiss_threads``, so the caller gives them."""
+        ``pseudo_center``, ``pseudo_image_k`` and ``faiss_threads``, so the caller gives them."""
         state = read_state(directory)
         bank = cls(int(state["dim"]), int(state["queue_size"]), int(state["num_target_images"]),
                    int(state["num_target_texts"]), pseudo_k=int(state["pseudo_k"]),
                    pseudo_threshold=float(state["pseudo_threshold"]),
-                   pseudo_center=pseudo_center, faiss_threads=faiss_threads,
+                   pseudo_center=pseudo_center, pseudo_image_k=pseudo_image_k,
+                   faiss_threads=faiss_threads,
                    seed=int(state["seed"]), feature_dtype=str(state["feature_dtype"]))
         bank.load_state_dict(state)
         return bank

@@ -19,7 +19,8 @@ D = 8
 def state() -> dict:
     """A bank after its queues wrapped around, with pseudo-ids refreshed."""
     bank = MemoryBank(D, queue_size=12, num_target_images=6, num_target_texts=6, pseudo_k=1,
-                      pseudo_threshold=-1.0, pseudo_center=True, faiss_threads=1, seed=0)
+                      pseudo_threshold=-1.0, pseudo_center=True, pseudo_image_k=0,
+                      faiss_threads=1, seed=0)
     rng = np.random.default_rng(0)
     for step in range(4):
         for modality in ("image", "text"):

@@ -151,7 +151,7 @@ def _push_worker(rank: int) -> dict:
     dist.all_gather = counting_all_gather
     try:
         banks = [MemoryBank(D, 64, ROWS, ROWS, pseudo_k=1, pseudo_threshold=0.0,
-                            pseudo_center=True, faiss_threads=1, seed=0)
+                            pseudo_center=True, pseudo_image_k=0, faiss_threads=1, seed=0)
                  if rank == 0 else None for _ in range(2)]
         push_teacher(banks[0], *_push_inputs(rank))
         bucketed = len(calls)

@@ -18,7 +18,8 @@ from gckd_ray.model.centring import SOURCE, TARGET
 from gckd_ray.model.memory_bank import MODALITIES, MemoryBank
 
 D = 16
-REFRESH = dict(pseudo_k=3, pseudo_threshold=0.5, pseudo_center=True, faiss_threads=1, seed=0)
+REFRESH = dict(pseudo_k=3, pseudo_threshold=0.5, pseudo_center=True, pseudo_image_k=0,
+               faiss_threads=1, seed=0)
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from experiments import diagnose_gap
+from experiments import diagnose_gap, diagnose_pseudo_pairs
 from gckd_ray.checkpoint_format import checkpoint_tokenizer_dir, folder_sha256
 from gckd_ray.config import override_config
 from gckd_ray.data.tokenizer import load_tokenizer
@@ -67,6 +67,14 @@ def test_two_worker_source_only_run_writes_results(ray_session, tiny_config, cap
     gap = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert gap["target_raw"] == pytest.approx(results["final"]["R1"])
     assert gap["unseen_tokens"] > 0 and 0 <= gap["canonical_target_centred"] <= 100
+
+    # The pseudo-pair diagnostic reports cross-modal and image-image precision, in [0, 1].
+    assert diagnose_pseudo_pairs.main(["--checkpoint", str(checkpoint), "--thresholds", "0.0",
+                                       "--image-k", "1"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()
+            if line.startswith("{")]
+    assert [("k" in r, "image_k" in r) for r in rows] == [(True, False), (False, True)] * 2
+    assert all(r["pairs"] > 0 and 0 <= r["precision"] <= 1 for r in rows)
 
 
 def test_eval_every_lean_checkpoints_and_the_final_model(ray_session, tiny_config, capsys):

@@ -155,3 +155,50 @@ def test_teacher_reads_its_own_view_and_student_the_strong_one():
     for key in plain.teacher:  # float32: the same teacher forward twice; float32 defaults
         torch.testing.assert_close(views.teacher[key], plain.teacher[key])
     assert not torch.isclose(views.losses["loss"], plain.losses["loss"])
+
+
+
+@pytest.mark.parametrize("matching", ["true", "false"])
+def test_target_text_grad_off_keeps_target_captions_out_of_the_text_towers_gradient(matching):
+    """gckd.target_text_grad=false: target captions are inputs (keys, graph nodes) but no
+    gradient flows back through their student embeddings, so the token embeddings of words
+    only target captions use get none."""
+    target_captions = ["zebra stripes"] * 4
+    tok = WordTokenizer.build(CAPTIONS + target_captions)
+
+    def target_word_grad(*overrides):
+        cfg = load_config(None, ["model.hidden_size=32", "model.embed_dim=16",
+                                 "model.num_layers=1", "model.num_heads=2", "graph.k=3",
+                                 f"matching.enabled={matching}", *overrides])
+        torch.manual_seed(0)
+        model = build_gckd(cfg, tok, num_classes=4)
+        ids, mask, _ = tok.encode(CAPTIONS, cfg.data.text_length)
+        t_ids, t_mask, _ = tok.encode(target_captions, cfg.data.text_length)
+        images = torch.randn(4, 3, cfg.data.image_height, cfg.data.image_width)
+        source = {"images": images, "input_ids": ids, "attention_mask": mask,
+                  "pids": torch.tensor([0, 1, 2, 3])}
+        target = {"images": images.flip(0), "image_rows": torch.tensor([0, 1, 2, 3]),
+                  "input_ids": t_ids, "attention_mask": t_mask,
+                  "text_rows": torch.tensor([3, 2, 1, 0])}
+        model(source, target, _memory(), adapt=True).losses["loss"].backward()
+        words = t_ids[0, t_mask[0].bool()][1:-1]  # "zebra", "stripes" (no bos/eos)
+        assert not torch.isin(words, ids).any()
+        return model.encoder.clip.text_model.embeddings.token_embedding.weight.grad[words]
+
+    assert target_word_grad().abs().sum() > 0
+    assert target_word_grad("gckd.target_text_grad=false").abs().sum() == 0
+
+
+def test_i2i_distils_images_against_teacher_images_with_own_view_and_group_positives():
+    _, model, source, target = _setup("loss.weights.i2i=0.5")
+    out = model(source, target, _memory(), adapt=True)
+    assert "i2i" in out.losses and torch.isfinite(out.losses["i2i"])
+    assert "i2i" not in _setup()[1](source, target, _memory(), adapt=True).losses
+    # the groups its positives come from (besides each image's own teacher view)
+    with torch.no_grad():
+        groups, _ = model._group_keys(source, target, _memory())
+    assert groups.tolist()[:4] == [0, 1, 2, 3]  # source ids; target rows 0, 2 share pseudo-id 5
+    assert groups[4] == groups[6] == TARGET_GROUP_OFFSET + 5 and groups[5] == groups[7] == -1
+    out.losses["i2i"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0
+               for p in model.encoder.clip.vision_model.parameters())

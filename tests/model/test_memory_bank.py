@@ -14,7 +14,8 @@ from gckd_ray.model.memory_bank import MODALITIES, MemoryBank
 
 D = 16
 # The refresh settings these tests were written for (the config owns the run's values).
-REFRESH = dict(pseudo_k=5, pseudo_threshold=0.5, pseudo_center=True, faiss_threads=1, seed=0)
+REFRESH = dict(pseudo_k=5, pseudo_threshold=0.5, pseudo_center=True, pseudo_image_k=0,
+               faiss_threads=1, seed=0)
 
 
 def make_bank(queue_size: int, num_target_images: int, num_target_texts: int,
@@ -23,7 +24,7 @@ def make_bank(queue_size: int, num_target_images: int, num_target_texts: int,
 
 
 def load(directory) -> MemoryBank:
-    return MemoryBank.load(directory, pseudo_center=True, faiss_threads=1)
+    return MemoryBank.load(directory, pseudo_center=True, pseudo_image_k=0, faiss_threads=1)
 
 
 def unit(x: np.ndarray) -> np.ndarray:

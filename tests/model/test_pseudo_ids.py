@@ -5,7 +5,7 @@ import numpy as np
 
 from gckd_ray.model.pseudo_ids import (centred_rows, connected_components,
                                        cross_modal_mutual_edges, cross_modal_pseudo_ids,
-                                       normalised_rows)
+                                       image_mutual_edges, normalised_rows)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -35,9 +35,9 @@ def test_pseudo_ids_number_cross_modal_components_by_their_first_node():
     # images 0, 1 near axis 1 and 0; captions: axis 0, axis 1, axis 2 (no image there)
     images = unit(np.stack([e[1] + 0.01 * e[3], e[0]]))
     texts = unit(np.stack([e[0], e[1], e[2]]))
-    image_ids, text_ids, num_edges = cross_modal_pseudo_ids(images, texts, 1, 0.5, 1)
+    image_ids, text_ids, num_edges = cross_modal_pseudo_ids(images, texts, 1, 0.5, 1, 0)
     assert image_ids.tolist() == [0, 1] and text_ids.tolist() == [1, 0, -1] and num_edges == 2
-    none = cross_modal_pseudo_ids(images, texts[:0], 1, 0.5, 1)
+    none = cross_modal_pseudo_ids(images, texts[:0], 1, 0.5, 1, 0)
     assert none[0].tolist() == [-1, -1] and len(none[1]) == 0 and none[2] == 0
 
 
@@ -48,3 +48,29 @@ def test_row_preparation():
     centred = centred_rows(x)
     assert np.allclose(np.linalg.norm(centred, axis=1), 1.0, atol=1e-6)
     assert centred_rows(x[:0]).shape == (0, 2)
+
+
+def test_image_edges_join_mutual_nearest_images_against_brute_force():
+    rng = np.random.default_rng(5)
+    images = unit(rng.normal(size=(30, 6)))
+    k = 2
+    edges = image_mutual_edges(images, k, num_threads=1)
+    sim = images @ images.T
+    np.fill_diagonal(sim, -np.inf)
+    near = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    expected = {(i, j) for i in range(30) for j in near[i] if i < j and i in near[j]}
+    assert set(map(tuple, edges.tolist())) == expected and expected
+    assert len(image_mutual_edges(images, 0, num_threads=1)) == 0
+    assert len(image_mutual_edges(images[:1], k, num_threads=1)) == 0
+
+
+def test_image_edges_give_image_only_groups_and_widen_cross_modal_ones():
+    e = np.eye(4, dtype=np.float32)
+    # images 0 and 1 are each other's nearest image; image 2 pairs with caption 0 only
+    images = unit(np.stack([e[1] + 0.1 * e[3], e[1] - 0.1 * e[3], e[0]]))
+    texts = unit(np.stack([e[0], e[2]]))
+    without = cross_modal_pseudo_ids(images, texts, 1, 0.5, 1, 0)
+    assert without[0].tolist() == [-1, -1, 0] and without[1].tolist() == [0, -1]
+    image_ids, text_ids, num_edges = cross_modal_pseudo_ids(images, texts, 1, 0.5, 1, 1)
+    # image 2's nearest image is 0 or 1, whose nearest images are each other: no edge for it
+    assert image_ids.tolist() == [0, 0, 1] and text_ids.tolist() == [1, -1] and num_edges == 2
