@@ -171,12 +171,13 @@ class GCKDConfig:
                                    "ablation: centre embeddings by per-domain, per-modality "
                                    "running means (training and target evaluation)")
     centring_momentum: float = option(0.99, "momentum of those running means (per step)")
-    # Word vocabulary only: alias target-only caption words to the source word found in the
-    # same contexts of the unlabelled target captions (data/vocab_bridge.py), when it leads
-    # the runner-up by bridge_margin in cosine (0: the most similar one, if similar enough).
+    # Alias target-only caption words to the source word found in the same contexts of the
+    # unlabelled target captions (data/vocab_bridge.py), when it leads the runner-up by
+    # bridge_margin in cosine (0: the most similar one, if similar enough). A word vocabulary
+    # encodes the alias's id; CLIP's BPE gets the word rewritten before tokenizing.
     vocab_bridge: bool = option(True,
                                 "alias target-only caption words to source words used in the same "
-                                "contexts (word vocabulary only)")
+                                "contexts")
     bridge_margin: float = option(0.0, "cosine lead over the runner-up needed to alias a word")
     # Adaptation phase, data/transforms.py TrainAugment.strong: "student" = the student sees a
     # stronger view (zoom, colour jitter, noise) of each image the teacher sees plainly;

@@ -54,10 +54,9 @@ INERT_GROUPS: tuple[InertGroup, ...] = (
                lambda c: c.method != "gckd",
                _all_keys("gckd") + _all_keys("graph") + _all_keys("distill")
                + _all_keys("matching") + _ADAPTATION_WEIGHTS),
-    InertGroup("model.pretrained is set (they shape the tiny random CLIP, and the bridge aliases "
-               "words of the word vocabulary; a CLIP folder brings its own)",
-               lambda c: bool(c.model.pretrained),
-               _TINY_MODEL + ("gckd.vocab_bridge", "gckd.bridge_margin")),
+    InertGroup("model.pretrained is set (they shape the tiny random CLIP; a CLIP folder brings "
+               "its own)",
+               lambda c: bool(c.model.pretrained), _TINY_MODEL),
     InertGroup("gckd.vocab_bridge=false", lambda c: not c.gckd.vocab_bridge,
                ("gckd.bridge_margin",)),
     InertGroup("graph.enabled=false", lambda c: not c.graph.enabled, _GRAPH),

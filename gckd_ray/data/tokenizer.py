@@ -25,6 +25,9 @@ from typing import Protocol, runtime_checkable
 import torch
 
 WORD_VOCAB_FILE = "word_vocab.json"
+# GCKD's lexical bridge for a CLIP BPE tokenizer: {target-only word: source word}, applied as a
+# whole-word rewrite before BPE (a word vocabulary keeps its aliases in word_vocab.json).
+WORD_ALIASES_FILE = "word_aliases.json"
 _WORD_FORMAT = "gckd_ray.word_tokenizer"
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _CLIP_FILES = ("tokenizer.json", "vocab.json")
@@ -171,7 +174,7 @@ class CLIPBPETokenizer:
     fine since the text tower pools at the *first* eos.
     """
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, aliases: Mapping[str, str] | None = None):
         from transformers import CLIPTokenizer  # heavy import, only when CLIP BPE is used
 
         self.directory = Path(directory)
@@ -181,6 +184,19 @@ class CLIPBPETokenizer:
         pad = self.hf.pad_token_id
         self.pad_id = int(self.eos_id if pad is None else pad)
         self.vocab_size = len(self.hf)
+        aliases_file = self.directory / WORD_ALIASES_FILE
+        if aliases is None and aliases_file.is_file():
+            aliases = json.loads(aliases_file.read_text())
+        self.aliases = {w.lower(): a for w, a in (aliases or {}).items()}
+        self._alias_re = (re.compile(r"\b(" + "|".join(
+            re.escape(w) for w in sorted(self.aliases, key=lambda w: (-len(w), w))) + r")\b",
+            re.IGNORECASE) if self.aliases else None)
+
+    def rewrite(self, text: str) -> str:
+        """``text`` with every aliased whole word replaced by its alias (case-insensitive)."""
+        if self._alias_re is None:
+            return text
+        return self._alias_re.sub(lambda m: self.aliases[m.group(0).lower()], text)
 
     def encode(self, texts: Sequence[str], length: int
                ) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -188,19 +204,27 @@ class CLIPBPETokenizer:
         if not texts:
             return pack([], length, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id)
         # No truncation here: the full length is needed to count truncated captions.
-        tokens = self.hf(list(texts), add_special_tokens=False, truncation=False,
-                         verbose=False)["input_ids"]
+        tokens = self.hf([self.rewrite(t) for t in texts], add_special_tokens=False,
+                         truncation=False, verbose=False)["input_ids"]
         return pack(tokens, length, bos_id=self.bos_id, eos_id=self.eos_id, pad_id=self.pad_id)
 
     def save(self, directory: str | Path) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.hf.save_pretrained(str(directory))
+        write_word_aliases(directory, self.aliases)
+
+
+def write_word_aliases(directory: str | Path, aliases: Mapping[str, str]) -> None:
+    """Save a CLIP tokenizer folder's lexical-bridge aliases (none: no file)."""
+    if aliases:
+        Path(directory, WORD_ALIASES_FILE).write_text(
+            json.dumps(dict(aliases), indent=0, sort_keys=True) + "\n")
 
 
 def copy_tokenizer_files(source: str | Path, destination: str | Path) -> list[str]:
     """Copy the files of the tokenizer in ``source`` into ``destination`` and return their
-    names: ``word_vocab.json``, or the `CLIP_TOKENIZER_FILES` a Hugging Face CLIP folder has
-    (never its weights or model config).
+    names: ``word_vocab.json``, or the `CLIP_TOKENIZER_FILES` a Hugging Face CLIP folder has and
+    its ``word_aliases.json`` if any (never its weights or model config).
 
     Raises:
         FileNotFoundError: ``source`` holds no tokenizer.
@@ -211,7 +235,7 @@ def copy_tokenizer_files(source: str | Path, destination: str | Path) -> list[st
     if (source / WORD_VOCAB_FILE).is_file():
         names = [WORD_VOCAB_FILE]
     else:
-        names = [n for n in CLIP_TOKENIZER_FILES if (source / n).is_file()]
+        names = [n for n in (*CLIP_TOKENIZER_FILES, WORD_ALIASES_FILE) if (source / n).is_file()]
         if not any(n in names for n in _CLIP_FILES):
             raise FileNotFoundError(f"{source}: no tokenizer files (expected {WORD_VOCAB_FILE}, "
                                     f"or CLIP tokenizer files {' / '.join(_CLIP_FILES)})")

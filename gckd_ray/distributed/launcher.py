@@ -22,7 +22,7 @@ from gckd_ray.config import Config, ConfigError
 from gckd_ray.data.datasets import (check_batches_fit, labelled_domain, load_records,
                                     target_pairs)
 from gckd_ray.data.formats import Record
-from gckd_ray.data.tokenizer import WordTokenizer, copy_tokenizer_files
+from gckd_ray.data.tokenizer import WordTokenizer, copy_tokenizer_files, write_word_aliases
 from gckd_ray.data.vocab_bridge import bridge_words
 from gckd_ray.distributed.memory import MemoryClient, memory_actor_name
 from gckd_ray.distributed.metrics_log import ConsoleTail
@@ -38,7 +38,7 @@ def prepare_tokenizer(cfg: Config, target_train: list[Record], expected: str | N
     """Write the run's tokenizer once, to ``<run.output_dir>/tokenizer/``, and return it: a
     local CLIP folder's tokenizer files (its weights stay where they are), or else a word
     vocabulary built from the training captions of both domains (captions only: no ids, no
-    pairing), with GCKD's lexical bridge for the target-only words.
+    pairing); either with GCKD's lexical bridge for the target-only words.
 
     ``expected``: the sha256 of the tokenizer a resumed checkpoint was trained with; a
     tokenizer that differs is refused (CheckpointError) before it replaces the run's."""
@@ -50,6 +50,7 @@ def prepare_tokenizer(cfg: Config, target_train: list[Record], expected: str | N
                 copy_tokenizer_files(cfg.model.pretrained, tmp)
             except FileNotFoundError as err:
                 raise ConfigError(f"model.pretrained: {err}") from None
+            write_word_aliases(tmp, _bridge_aliases(cfg, target_train))
         else:
             _word_tokenizer(cfg, target_train).save(tmp)
         sha = folder_sha256(tmp)
@@ -70,16 +71,26 @@ def prepare_tokenizer(cfg: Config, target_train: list[Record], expected: str | N
     return out
 
 
+def _source_captions(cfg: Config) -> list[str]:
+    return [r.caption for r in load_records(cfg, cfg.data.source, "train").records]
+
+
+def _bridge_aliases(cfg: Config, target_train: list[Record]) -> dict[str, str]:
+    """GCKD's lexical bridge (data/vocab_bridge.py) from the captions alone, or {} when off."""
+    if cfg.method != "gckd" or not cfg.gckd.vocab_bridge:
+        return {}
+    aliases = bridge_words(_source_captions(cfg), [r.caption for r in target_train],
+                           min_margin=cfg.gckd.bridge_margin)
+    shown = ", ".join(f"{word}->{alias}" for word, alias in sorted(aliases.items()))
+    print(f"vocabulary bridge: {len(aliases)} target-only words aliased to source words "
+          f"({shown or 'none'})", flush=True)
+    return aliases
+
+
 def _word_tokenizer(cfg: Config, target_train: list[Record]) -> WordTokenizer:
-    source = [r.caption for r in load_records(cfg, cfg.data.source, "train").records]
-    target = [r.caption for r in target_train]
-    aliases = {}
-    if cfg.method == "gckd" and cfg.gckd.vocab_bridge:
-        aliases = bridge_words(source, target, min_margin=cfg.gckd.bridge_margin)
-        shown = ", ".join(f"{word}->{alias}" for word, alias in sorted(aliases.items()))
-        print(f"vocabulary bridge: {len(aliases)} target-only words aliased to source words "
-              f"({shown or 'none'})", flush=True)
-    return WordTokenizer.build(source + target, aliases=aliases)
+    aliases = _bridge_aliases(cfg, target_train)
+    return WordTokenizer.build(_source_captions(cfg) + [r.caption for r in target_train],
+                               aliases=aliases)
 
 
 def pretrained_reference(cfg: Config) -> dict[str, str] | None:

@@ -144,6 +144,9 @@ def _description(cfg: Config, tokenizer: Tokenizer, image_size: tuple[int, int],
                     "modalities: 0 image, 1 text; x D) and [centring_seen]: gckd-ray evaluates "
                     "target embeddings as normalize(embedding - means[1, modality]) where seen; "
                     "CLIPModel does not apply them",
+        "word_aliases": ("word_aliases.json (GCKD's lexical bridge, when the run had one): "
+                         "gckd-ray's tokenizer rewrites each listed target word as its alias "
+                         "before BPE; CLIPTokenizer does not"),
         "not_included": list(NOT_INCLUDED),
     }
 

@@ -12,8 +12,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import write_tiny_clip_tokenizer
 from gckd_ray.data.tokenizer import (  # noqa: E402
-    WORD_VOCAB_FILE, CLIPBPETokenizer, Tokenizer, WordTokenizer, copy_tokenizer_files,
-    load_tokenizer, split_words)
+    WORD_ALIASES_FILE, WORD_VOCAB_FILE, CLIPBPETokenizer, Tokenizer, WordTokenizer,
+    copy_tokenizer_files, load_tokenizer, split_words)
 
 CAPTIONS = [
     "A man in a red coat.",
@@ -133,6 +133,27 @@ def test_clip_bpe_tokenizer_layout_and_round_trip(tmp_path):
     again = load_tokenizer(tmp_path / "saved")
     assert isinstance(again, CLIPBPETokenizer)
     assert torch.equal(again.encode(["A red man"], 8)[0], ids[:1])
+
+
+def test_clip_bpe_bridge_rewrites_whole_aliased_words_and_travels_with_the_folder(tmp_path):
+    """GCKD's lexical bridge on CLIP's BPE: an aliased word is tokenized as its alias, any
+    case, only as a whole word; the aliases are saved beside the tokenizer files, copied with
+    them, and a folder without them tokenizes plainly."""
+    write_tiny_clip_tokenizer(tmp_path / "src")
+    plain = load_tokenizer(tmp_path / "src")
+    bridged = CLIPBPETokenizer(tmp_path / "src", {"Crimson": "red", "guy": "man"})
+    expected = plain.encode(["a red man", "a crimsonred man"], 12)[0]
+    assert torch.equal(bridged.encode(["a CRIMSON guy", "a crimsonred guy"], 12)[0], expected)
+    assert not torch.equal(plain.encode(["a crimson guy"], 12)[0], expected[:1])
+
+    bridged.save(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / WORD_ALIASES_FILE).read_text()) == {
+        "crimson": "red", "guy": "man"}
+    assert WORD_ALIASES_FILE in copy_tokenizer_files(tmp_path / "saved", tmp_path / "copy")
+    again = load_tokenizer(tmp_path / "copy")
+    assert torch.equal(again.encode(["a crimson guy"], 12)[0], expected[:1])
+    plain.save(tmp_path / "plain")
+    assert not (tmp_path / "plain" / WORD_ALIASES_FILE).exists()
 
 
 def test_word_tokenizer_ids_make_hf_clip_pool_at_eos():

@@ -1,5 +1,6 @@
-"""Driver-side preparation: the tokenizer a run trains with (lexical bridge only for GCKD),
-written once per run (a CLIP folder's tokenizer files only), and a resume from a changed
+"""Driver-side preparation: the tokenizer a run trains with (lexical bridge only for GCKD,
+as word aliases beside a CLIP folder's tokenizer files), written once per run (a CLIP folder's
+tokenizer files only, never its weights), and a resume from a changed
 pretrained folder refused in one line before Ray starts."""
 
 from __future__ import annotations
@@ -54,6 +55,22 @@ def test_a_clip_folder_gives_the_run_its_tokenizer_files_only_once(tiny_config, 
         prepare_tokenizer(cfg, [], expected="0" * 64)
     assert folder_sha256(out) != "0" * 64 and sorted(p.name for p in out.parent.iterdir()) == [
         "tokenizer"]  # refused before replacing anything; no temporary left
+
+
+def test_a_clip_folder_gets_the_bridge_as_word_aliases_under_gckd_only(tiny_config, tmp_path):
+    write_tiny_clip(tmp_path / "clip")
+    gckd, cfg = _prepare(tiny_config("method=gckd", f"model.pretrained={tmp_path / 'clip'}"))
+    source = {w for r in load_records(cfg, cfg.data.source, "train").records
+              for w in split_words(r.caption)}
+    assert isinstance(gckd, CLIPBPETokenizer) and gckd.aliases
+    assert all(w not in source and a in source for w, a in gckd.aliases.items())
+    assert (tmp_path / "run" / "tokenizer" / "word_aliases.json").is_file()
+    word, alias = next(iter(gckd.aliases.items()))
+    assert gckd.rewrite(f"a {word} coat") == f"a {alias} coat"
+    baseline, _ = _prepare(tiny_config("method=source_only", f"run.output_dir={tmp_path / 'so'}",
+                                       f"model.pretrained={tmp_path / 'clip'}"))
+    assert baseline.aliases == {} and not (tmp_path / "so" / "tokenizer" /
+                                           "word_aliases.json").exists()
 
 
 def test_resume_with_a_changed_pretrained_folder_stops_in_one_line_before_ray(
