@@ -130,12 +130,12 @@ class GCKDDistiller(nn.Module):
         if self.distill.mode == "cmkd":
             losses["cmkd"] = self.weights.cmkd * self._cmkd(
                 (s_img, g_img, s_txt, g_txt), teacher, memory, pos_t2i, pos_i2t)
-        if self.weights.i2i:
-            losses["i2i"] = self.weights.i2i * self._i2i(torch.cat([s_img, g_img]), teacher,
-                                                         source, target, memory)
         elif self.distill.mode == "mnf_csc":
             losses.update(self._mnf_csc((s_img, g_img, s_txt, g_txt), teacher, source, target,
                                         memory, stats))
+        if self.weights.i2i:
+            losses["i2i"] = self.weights.i2i * self._i2i(torch.cat([s_img, g_img]), teacher,
+                                                         source, target, memory)
         losses["loss"] = sum(v for k, v in losses.items() if k != "loss")
         return StepOutput(losses, teacher, stats)
 

@@ -194,6 +194,8 @@ def test_i2i_distils_images_against_teacher_images_with_own_view_and_group_posit
     out = model(source, target, _memory(), adapt=True)
     assert "i2i" in out.losses and torch.isfinite(out.losses["i2i"])
     assert "i2i" not in _setup()[1](source, target, _memory(), adapt=True).losses
+    _, with_mnf, *_ = _setup("distill.mode=mnf_csc", "loss.weights.i2i=0.5")
+    assert {"i2i", "csc"} <= set(with_mnf(source, target, _memory(), adapt=True).losses)
     # the groups its positives come from (besides each image's own teacher view)
     with torch.no_grad():
         groups, _ = model._group_keys(source, target, _memory())
