@@ -179,17 +179,17 @@ class GCKDConfig:
                                 "alias target-only caption words to source words used in the same "
                                 "contexts")
     bridge_margin: float = option(0.0, "cosine lead over the runner-up needed to alias a word")
-    # Adaptation phase, data/transforms.py TrainAugment.strong: "student" = the student sees a
-    # stronger view (zoom, colour jitter, noise) of each image the teacher sees plainly;
-    # "both" = teacher and student see the same strong view (augmentation alone); "none".
-    # The adaptation losses reach the text tower through the target captions' student
-    # embeddings. A pretrained tower already reads target-only words; training it on
-    # pseudo-positives of unknown precision moves those words (experiments/RESULTS.md,
-    # pretrained regime), so pretrained configs may keep target captions as inputs only.
+    # Ablation: the adaptation losses reach the text tower through the target captions'
+    # student embeddings; false keeps those captions as inputs only. On the stand-in it changed
+    # nothing (experiments/RESULTS.md, pretrained regime): the target-word loss there came
+    # from source fine-tuning, which the lexical bridge addresses.
     target_text_grad: bool = option(True,
                                     "target captions' student embeddings carry gradients in the "
                                     "adaptation losses (false: detached, the text tower learns "
                                     "from source captions only)")
+    # Adaptation phase, data/transforms.py TrainAugment.strong: "student" = the student sees a
+    # stronger view (zoom, colour jitter, noise) of each image the teacher sees plainly;
+    # "both" = teacher and student see the same strong view (augmentation alone); "none".
     strong_views: str = option("student",
                                "adaptation phase: student (strong view for the student, plain for "
                                "the teacher), both (the same strong view), or none")

@@ -24,8 +24,9 @@ COMMANDS = ("train", "tune")
 
 _TINY_MODEL = ("model.embed_dim", "model.hidden_size", "model.num_layers", "model.num_heads",
                "model.patch_size")
-_ADAPTATION_WEIGHTS = ("loss.weights.cmkd", "loss.weights.gmp", "loss.weights.itm", "loss.weights.i2i",
-                       "loss.weights.csc", "loss.weights.mnf_triplet", "loss.weights.mnf_l1")
+_ADAPTATION_WEIGHTS = ("loss.weights.cmkd", "loss.weights.gmp", "loss.weights.itm",
+                       "loss.weights.i2i", "loss.weights.csc", "loss.weights.mnf_triplet",
+                       "loss.weights.mnf_l1")
 _DISTILL_TEMPERATURES = ("distill.tau_s", "distill.tau_t", "distill.alpha")  # CMKD and i2i
 _MNF_CSC = ("distill.mnf_hidden", "distill.mnf_margin", "distill.csc_tau0",
             "distill.csc_tau_min", "distill.csc_tau_max", "loss.weights.csc",

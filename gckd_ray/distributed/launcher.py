@@ -50,7 +50,9 @@ def prepare_tokenizer(cfg: Config, target_train: list[Record], expected: str | N
                 copy_tokenizer_files(cfg.model.pretrained, tmp)
             except FileNotFoundError as err:
                 raise ConfigError(f"model.pretrained: {err}") from None
-            write_word_aliases(tmp, _bridge_aliases(cfg, target_train))
+            if _bridges(cfg):
+                write_word_aliases(tmp, _bridge_aliases(
+                    _source_captions(cfg), [r.caption for r in target_train], cfg))
         else:
             _word_tokenizer(cfg, target_train).save(tmp)
         sha = folder_sha256(tmp)
@@ -75,12 +77,14 @@ def _source_captions(cfg: Config) -> list[str]:
     return [r.caption for r in load_records(cfg, cfg.data.source, "train").records]
 
 
-def _bridge_aliases(cfg: Config, target_train: list[Record]) -> dict[str, str]:
-    """GCKD's lexical bridge (data/vocab_bridge.py) from the captions alone, or {} when off."""
-    if cfg.method != "gckd" or not cfg.gckd.vocab_bridge:
-        return {}
-    aliases = bridge_words(_source_captions(cfg), [r.caption for r in target_train],
-                           min_margin=cfg.gckd.bridge_margin)
+def _bridges(cfg: Config) -> bool:
+    """Whether the run gets GCKD's lexical bridge (the baselines never read target captions)."""
+    return cfg.method == "gckd" and cfg.gckd.vocab_bridge
+
+
+def _bridge_aliases(source: list[str], target: list[str], cfg: Config) -> dict[str, str]:
+    """GCKD's lexical bridge (data/vocab_bridge.py) from the captions alone, announced."""
+    aliases = bridge_words(source, target, min_margin=cfg.gckd.bridge_margin)
     shown = ", ".join(f"{word}->{alias}" for word, alias in sorted(aliases.items()))
     print(f"vocabulary bridge: {len(aliases)} target-only words aliased to source words "
           f"({shown or 'none'})", flush=True)
@@ -88,9 +92,9 @@ def _bridge_aliases(cfg: Config, target_train: list[Record]) -> dict[str, str]:
 
 
 def _word_tokenizer(cfg: Config, target_train: list[Record]) -> WordTokenizer:
-    aliases = _bridge_aliases(cfg, target_train)
-    return WordTokenizer.build(_source_captions(cfg) + [r.caption for r in target_train],
-                               aliases=aliases)
+    source, target = _source_captions(cfg), [r.caption for r in target_train]
+    aliases = _bridge_aliases(source, target, cfg) if _bridges(cfg) else {}
+    return WordTokenizer.build(source + target, aliases=aliases)
 
 
 def pretrained_reference(cfg: Config) -> dict[str, str] | None:
