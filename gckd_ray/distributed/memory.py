@@ -6,9 +6,9 @@ workers push teacher features (fire-and-forget, bounded in flight), read publish
 tensors, refresh pseudo-ids, and save and restore the memory's state with it.
 
 The actor runs its tasks one at a time in call order (a plain, not a threaded, actor); a
-pipelined pseudo-id refresh computes in one background thread of its own, on frozen copies of
-the target tables, with ``gckd.refresh_threads`` OpenMP threads (0: every CPU Ray counts on the
-actor's node). The actor holds no CPU slot (``num_cpus=0``), so it never keeps Train workers or
+pipelined pseudo-id refresh computes in one background thread of its own, on its replica of
+the target tables, with ``gckd.refresh_threads`` threads (0: every CPU Ray counts on the actor's
+node). The actor holds no CPU slot (``num_cpus=0``), so it never keeps Train workers or
 Tune trials from being placed; its refresh uses the node's cores for a few seconds every
 ``gckd.pseudo_every`` steps.
 """

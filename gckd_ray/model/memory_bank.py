@@ -15,8 +15,9 @@ Layout (DESIGN.md §2 items 3 and 6, §4):
   schedule: at once (``refresh_pseudo_ids``) or pipelined (``refresh_on_schedule``).
 
 Pipelined refresh (DESIGN.md §10): a refresh started at the memory read before global step s
-computes in a background thread on the target tables as they were at that read (frozen: a
-table is copied before the first push that would change it) and is applied at the first read
+computes in a background thread on the target tables as they were at that read (its own
+replica, brought up to date from the journal of rows written since the previous start:
+``model/pseudo_refresh.py``) and is applied at the first read
 from step s + ``refresh_lag`` on, waiting there only if it is still computing. Which pseudo-ids
 a read publishes is therefore a function of the schedule alone, never of timing, and
 ``state_dict`` carries the refreshes started but not applied yet (their results), so a run
@@ -34,38 +35,20 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import numpy as np
 
 from gckd_ray.checkpoint_format import MEMORY_CONFIG_KEYS, read_state, write_state
+from gckd_ray.model import pseudo_refresh
 from gckd_ray.model.centring import SOURCE, TARGET
-from gckd_ray.model.pseudo_ids import centred_rows, cross_modal_pseudo_ids, normalised_rows
+from gckd_ray.model.pseudo_refresh import (MODALITIES, REFRESH_STATS, JournalEntry,
+                                           PendingRefresh, Refreshed, TableReplica)
 
-MODALITIES = ("image", "text")
 FEATURE_DTYPES = ("float32", "float16")
-# What a refresh reports (``refresh_pseudo_ids``), in the order a saved state keeps them.
-REFRESH_STATS = ("num_clusters", "image_coverage", "text_coverage", "mean_cluster_size",
-                 "num_nodes", "num_edges", "seconds")
 # The pending refreshes in a saved state (absent from states saved before they existed).
 PENDING_KEYS = ("refresh_started", "refresh_apply_at", "refresh_image_ids", "refresh_text_ids",
                 "refresh_stats")
-
-
-class Refreshed(NamedTuple):
-    """A computed refresh: the new pseudo-ids of every target image and caption row, and what
-    the refresh found (``REFRESH_STATS``)."""
-    image_ids: np.ndarray
-    text_ids: np.ndarray
-    stats: dict[str, float]
-
-
-class PendingRefresh(NamedTuple):
-    """A refresh started at the read before global step ``started``, applied at the first read
-    from step ``apply_at`` on; ``result`` is done once it has computed."""
-    started: int
-    apply_at: int
-    result: Future
 
 
 def check_push(modality: str, features: np.ndarray, domain: int, labels: np.ndarray,
@@ -159,7 +142,11 @@ class MemoryBank:
         self._seen = {m: np.zeros(n, bool) for m, n in self.num_targets.items()}
         self._pseudo = {m: np.full(n, -1, np.int64) for m, n in self.num_targets.items()}
         self._pending: list[PendingRefresh] = []  # started, not applied yet; oldest first
-        self._shared: set[str] = set()  # tables a computing refresh reads: copy before writing
+        # Lagged graph refreshes read a replica of the tables in the refresh thread; the rows
+        # written since the last start, in order, bring it up to date there.
+        self._journaling = refresh_lag > 0 and self.target_pairs is None
+        self._journal: list[JournalEntry] = []
+        self._replica: TableReplica | None = None
         self._worker: ThreadPoolExecutor | None = None
 
     def _check_pairs(self, pairs: np.ndarray) -> np.ndarray:
@@ -201,12 +188,11 @@ class MemoryBank:
     def _update_table(self, modality: str, features: np.ndarray, indices: np.ndarray) -> None:
         # Newest feature per row: within the batch the last occurrence of a row wins.
         last = len(indices) - 1 - np.unique(indices[::-1], return_index=True)[1]
-        if modality in self._shared:  # a refresh still reads this array: write into a copy
-            self._table[modality] = self._table[modality].copy()
-            self._shared.discard(modality)
         rows = indices[last]
         self._table[modality][rows] = features[last]
         self._seen[modality][rows] = True
+        if self._journaling:
+            self._journal.append((modality, rows, self._table[modality][rows]))
 
     def _enqueue(self, m: str, features: np.ndarray, domain: int, labels: np.ndarray,
                  indices: np.ndarray) -> None:
@@ -273,12 +259,11 @@ class MemoryBank:
         """
         applied = self._apply_due(step)
         if start:
-            compute = self._frozen_refresh()
             if self.refresh_lag == 0:
                 result: Future = Future()
-                result.set_result(compute())
+                result.set_result(self._frozen_refresh()())
             else:
-                self._shared = set(MODALITIES)  # the tables compute reads stay as they are now
+                compute = self._frozen_refresh(background=True)
                 if self._worker is None:
                     self._worker = ThreadPoolExecutor(1, thread_name_prefix="pseudo-id-refresh")
                 result = self._worker.submit(compute)
@@ -302,18 +287,24 @@ class MemoryBank:
         self.pseudo_version += 1
         return dict(refreshed.stats)
 
-    def _frozen_refresh(self) -> Callable[[], Refreshed]:
-        """The refresh of the memory as it is now, as a function to call later, in any thread:
-        it holds the target tables' current arrays (which ``_update_table`` no longer writes
-        once they are marked shared), the seen rows and the settings."""
+    def _frozen_refresh(self, background: bool = False) -> Callable[[], Refreshed]:
+        """The refresh of the memory as it is now, as a function: called at once on the live
+        tables, or with ``background`` later in the refresh thread on its replica, handed the
+        journal of the rows written since the previous background start (which it replays
+        first). Either way it holds the seen rows and the settings of now."""
         if self.target_pairs is not None:
-            return partial(_pair_ids, self.num_targets["image"], self.target_pairs)
+            return partial(pseudo_refresh.pair_ids, self.num_targets["image"], self.target_pairs)
         rows = {m: np.flatnonzero(self._seen[m]) for m in MODALITIES}
         pairs = len(rows["image"]) * len(rows["text"])
         probes = self.pseudo_probes if pairs > self.pseudo_exact_pairs else 0
-        return partial(_graph_ids, dict(self._table), rows, dict(self.num_targets),
-                       self.pseudo_k, self.pseudo_threshold, self.pseudo_center,
-                       self.faiss_threads, probes, self.seed)
+        settings = (dict(self.num_targets), self.pseudo_k, self.pseudo_threshold,
+                    self.pseudo_center, self.faiss_threads, probes, self.seed)
+        if not background:
+            return partial(pseudo_refresh.graph_ids, dict(self._table), rows, *settings)
+        if self._replica is None:
+            self._replica = TableReplica(self.num_targets, self.dim, np.dtype(self.feature_dtype))
+        journal, self._journal = self._journal, []
+        return partial(pseudo_refresh.replica_graph_ids, self._replica, journal, rows, *settings)
 
     def pseudo_ids(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the target image ``(num_target_images,)`` and caption
@@ -447,8 +438,10 @@ class MemoryBank:
             self._table[m] = np.array(state[f"target_{m}_features"], dt)
             self._seen[m] = np.array(state[f"target_{m}_seen"], bool)
             self._pseudo[m] = np.array(state[f"target_{m}_pseudo_ids"], np.int64)
-        self._shared = set()
         self._load_pending(state)
+        if self._journaling:  # the replica catches up with the loaded tables at the next start
+            self._journal = [(m, seen, self._table[m][seen]) for m in MODALITIES
+                             for seen in [np.flatnonzero(self._seen[m])]]
 
     def _load_pending(self, state: dict[str, np.ndarray]) -> None:
         """The saved pending refreshes replace the bank's own (whose computations are dropped:
@@ -488,45 +481,3 @@ class MemoryBank:
                    seed=int(state["seed"]), feature_dtype=str(state["feature_dtype"]), **refresh)
         bank.load_state_dict(state)
         return bank
-
-
-def _graph_ids(tables: dict[str, np.ndarray], rows: dict[str, np.ndarray],
-               sizes: dict[str, int], k: int, threshold: float, center: bool, threads: int,
-               probes: int, seed: int) -> Refreshed:
-    """``MemoryBank.refresh_pseudo_ids`` of the graph variant, on frozen inputs (``tables``:
-    (N_m, D) per modality, never written while this runs; ``rows``: the seen rows)."""
-    start = time.perf_counter()
-    prepare = centred_rows if center else normalised_rows
-    images, texts = (prepare(tables[m][rows[m]], copy=False) for m in MODALITIES)  # own copy
-    image_ids, text_ids, num_edges = cross_modal_pseudo_ids(images, texts, k, threshold, threads,
-                                                            probes, seed)
-    pseudo = {}
-    for m, ids in (("image", image_ids), ("text", text_ids)):
-        pseudo[m] = np.full(sizes[m], -1, np.int64)
-        pseudo[m][rows[m]] = ids
-    # ids are 0 .. clusters - 1, each held by at least one image and one caption
-    clusters = 1 + max(image_ids.max(initial=-1), text_ids.max(initial=-1))
-    labelled = (image_ids >= 0).sum() + (text_ids >= 0).sum()
-
-    def coverage(m: str) -> float:
-        n = sizes[m]
-        return float((pseudo[m] >= 0).sum() / n) if n else 0.0
-
-    stats = {"num_clusters": float(clusters), "image_coverage": coverage("image"),
-             "text_coverage": coverage("text"),
-             "mean_cluster_size": float(labelled / clusters) if clusters else 0.0,
-             "num_nodes": float(len(images) + len(texts)), "num_edges": float(num_edges)}
-    return Refreshed(pseudo["image"], pseudo["text"],
-                     {**stats, "seconds": time.perf_counter() - start})
-
-
-def _pair_ids(num_images: int, pairs: np.ndarray) -> Refreshed:
-    """Paired variant: each target image is its own group, each caption joins its image's
-    (the pairs are known; person ids still are not)."""
-    start = time.perf_counter()
-    num_texts = len(pairs)
-    stats = {"num_clusters": float(num_images), "image_coverage": 1.0, "text_coverage": 1.0,
-             "mean_cluster_size": (num_images + num_texts) / num_images if num_images else 0.0,
-             "num_nodes": float(num_images + num_texts), "num_edges": float(num_texts)}
-    return Refreshed(np.arange(num_images, dtype=np.int64), pairs.copy(),
-                     {**stats, "seconds": time.perf_counter() - start})

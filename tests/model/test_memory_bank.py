@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gckd_ray.checkpoint_format import MEMORY_FILE
-from gckd_ray.model import memory_bank
+from gckd_ray.model import pseudo_refresh
 from gckd_ray.model.centring import SOURCE, TARGET
 from gckd_ray.model.memory_bank import MODALITIES, PENDING_KEYS, MemoryBank
 
@@ -381,14 +381,15 @@ def test_lag_zero_is_the_synchronous_refresh():
 def test_a_late_refresh_is_waited_for_and_applied_all_the_same(monkeypatch):
     fast, log_fast = lagged_bank(), []
     run_schedule(fast, 0, 12, log_fast)
-    graph_ids = memory_bank._graph_ids
+    graph_ids = pseudo_refresh.graph_ids
 
     def slow_graph_ids(*args):
         time.sleep(0.5)
         return graph_ids(*args)
 
-    monkeypatch.setattr(memory_bank, "_graph_ids", slow_graph_ids)
+    monkeypatch.setattr(pseudo_refresh, "graph_ids", slow_graph_ids)
     slow, log_slow = lagged_bank(), []
+    tables = dict(slow._table)
     for step in range(0, 12):  # runs on while a refresh sleeps: its pushes must not reach it
         if step % READ_EVERY == 0:
             applied = slow.refresh_on_schedule(step, step > 0 and step % REFRESH_EVERY == 0)
@@ -397,6 +398,8 @@ def test_a_late_refresh_is_waited_for_and_applied_all_the_same(monkeypatch):
                 assert applied[0]["wait_seconds"] > 0.1
         push_step(slow, step)
     assert_same_logs(log_fast, log_slow)
+    # pushes wrote the tables in place: the refresh reads its own replica, never these
+    assert all(slow._table[m] is tables[m] for m in MODALITIES)
 
 
 @pytest.mark.parametrize("stop", [5, 9, 11])  # between a start and its apply, and with two
