@@ -132,8 +132,9 @@ class GCKDConfig:
     # Pipelined refresh (DESIGN.md §10): a refresh starts at a memory read on the tables as they
     # are then, computes in the actor's background thread and is applied at the first read
     # refresh_lag steps later (a fixed lag: runs stay deterministic and resume exactly); the
-    # read waits only if it is still computing. 20 steps (benchmarks/RESULTS.md: the smallest
-    # lag that kept the wait under 1% of a 500 ms step at CUHK-PEDES size on 2 cores).
+    # read waits only if it is still computing. 20 steps = pseudo_every: a refresh has until
+    # the next one starts (10 s at 500 ms steps; a CUHK-PEDES-size refresh computed in 5-12 s
+    # on this 2-core machine, moderately loaded: benchmarks/RESULTS.md).
     refresh_lag: int = option(20, "steps from a pseudo-id refresh's start to the memory read "
                                   "that applies it (0 = synchronous: applied at the read that "
                                   "starts it)")
