@@ -1,5 +1,6 @@
 """Setup shared by the benchmarks: CLIP sizes, the GCKD module at a size, random batches and
-memory views of the configured shapes, a filled memory actor, and timing helpers.
+memory views of the configured shapes, a local loopback Ray, a (filled) memory actor, and
+timing helpers.
 
 Importing this module imports neither Ray nor DeepSpeed (the memory-actor helper imports Ray
 when called), so the single-worker benchmarks (``mfu``) run on a machine without them.
@@ -144,35 +145,56 @@ def fill_memory(client, cfg: Config, dim: int) -> None:
 
 
 @contextlib.contextmanager
-def filled_memory_actor(cfg: Config, dim: int, name: str) -> Iterator:
-    """The ``MemoryClient`` of a real memory actor in a local loopback Ray (started here unless
-    one is running), its queues filled to ``gckd.queue_size``; killed (and Ray shut down, if
-    started here) on exit."""
+def local_ray() -> Iterator:
+    """A local loopback Ray (2 logical CPUs, no dashboard), started here unless one is running
+    (then that one is used and left running); shut down on exit if started here."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback, before import
     import ray
-
-    from gckd_ray.distributed.memory import MemoryClient
 
     own_ray = not ray.is_initialized()
     if own_ray:
         ray.init(address="local", num_cpus=2, dashboard_host="127.0.0.1",
                  include_dashboard=False, logging_level="WARNING")
-    client = None
     try:
-        client = MemoryClient.create(
-            name, dim=dim, queue_size=cfg.gckd.queue_size, num_target_images=4 * NUM_IDS,
-            num_target_texts=4 * NUM_IDS, restore_from="", pseudo_k=cfg.gckd.pseudo_k,
-            pseudo_threshold=cfg.gckd.pseudo_threshold, pseudo_center=cfg.gckd.pseudo_center,
-            pseudo_image_k=cfg.gckd.pseudo_image_k,
-            faiss_threads=cfg.gckd.refresh_threads,
-            max_restarts=cfg.gckd.memory_max_restarts, seed=cfg.run.seed)
-        fill_memory(client, cfg, dim)
-        yield client
+        yield ray
     finally:
-        if client is not None:
-            client.shutdown()
         if own_ray:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def memory_actor(cfg: Config, dim: int, name: str, num_target_images: int,
+                 num_target_texts: int) -> Iterator:
+    """The ``MemoryClient`` of a real, empty memory actor with the config's memory settings, in
+    ``local_ray``; killed (and Ray shut down, if started here) on exit."""
+    with local_ray():
+        from gckd_ray.distributed.memory import MemoryClient
+
+        client = None
+        try:
+            client = MemoryClient.create(
+                name, dim=dim, queue_size=cfg.gckd.queue_size,
+                num_target_images=num_target_images, num_target_texts=num_target_texts,
+                restore_from="", pseudo_k=cfg.gckd.pseudo_k,
+                pseudo_threshold=cfg.gckd.pseudo_threshold,
+                pseudo_center=cfg.gckd.pseudo_center, pseudo_image_k=cfg.gckd.pseudo_image_k,
+                faiss_threads=cfg.gckd.refresh_threads,
+                refresh_lag=cfg.gckd.refresh_lag, pseudo_probes=cfg.gckd.pseudo_probes,
+                pseudo_exact_pairs=cfg.gckd.pseudo_exact_pairs,
+                max_restarts=cfg.gckd.memory_max_restarts, seed=cfg.run.seed)
+            yield client
+        finally:
+            if client is not None:
+                client.shutdown()
+
+
+@contextlib.contextmanager
+def filled_memory_actor(cfg: Config, dim: int, name: str) -> Iterator:
+    """The ``MemoryClient`` of a real memory actor (``memory_actor``), its queues filled to
+    ``gckd.queue_size``."""
+    with memory_actor(cfg, dim, name, 4 * NUM_IDS, 4 * NUM_IDS) as client:
+        fill_memory(client, cfg, dim)
+        yield client
 
 
 def median_seconds(fn, repeats: int) -> float:

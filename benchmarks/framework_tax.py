@@ -127,8 +127,10 @@ class LocalMemory:
             dim, cfg.gckd.queue_size, len({r.image_key for r in target_records}),
             len(target_records), pseudo_k=cfg.gckd.pseudo_k,
             pseudo_threshold=cfg.gckd.pseudo_threshold, pseudo_center=cfg.gckd.pseudo_center,
-            pseudo_image_k=cfg.gckd.pseudo_image_k,
-            faiss_threads=cfg.gckd.refresh_threads, seed=cfg.run.seed)
+            pseudo_image_k=cfg.gckd.pseudo_image_k, faiss_threads=cfg.gckd.refresh_threads,
+            seed=cfg.run.seed, refresh_lag=cfg.gckd.refresh_lag,
+            pseudo_probes=cfg.gckd.pseudo_probes,
+            pseudo_exact_pairs=cfg.gckd.pseudo_exact_pairs)
 
     def push(self, modality, features, domain, labels, indices) -> None:
         self.bank.push(modality, features.float().numpy(), int(domain), labels.numpy(),
@@ -137,9 +139,8 @@ class LocalMemory:
     def flush(self) -> None:
         pass
 
-    def read(self, refresh: bool):
-        refreshed = self.bank.refresh_pseudo_ids() if refresh else None
-        return 0, refreshed
+    def read(self, refresh: bool, step: int):
+        return 0, self.bank.refresh_on_schedule(step, refresh)
 
     def snapshot(self, publication: int | None = None) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in self.bank.snapshot().items()}

@@ -54,7 +54,7 @@ def measure(cfg, steps: int) -> dict:
         for step in range(steps + 2):                        # 2 warm-up steps, not timed
             start = time.perf_counter()
             if step % cfg.gckd.snapshot_every == 0:
-                view, _ = read_memory(client, False, cfg, 0, torch.device("cpu"))
+                view, _ = read_memory(client, False, step, cfg, 0, torch.device("cpu"))
                 snapshot.append(time.perf_counter() - start)
             source, target = random_batches(cfg, tokenizer, generator)
             start = time.perf_counter()

@@ -97,7 +97,7 @@ def measure(cfg, size: str, steps: int, engine: str) -> dict:
 
         def one_step() -> tuple[float, float, int]:
             start = time.perf_counter()
-            view, _ = read_memory(client, False, cfg, 0, cpu)
+            view, _ = read_memory(client, False, 0, cfg, 0, cpu)  # never refreshes: any step
             snapshot_s = time.perf_counter() - start
             source, target = random_batches(cfg, tokenizer, generator)
             start = time.perf_counter()

@@ -156,9 +156,26 @@ class GCKDConfig:
     # Centre each modality's target features before the pseudo-id graph (reduces hubs).
     pseudo_center: bool = option(True,
                                  "centre target features per modality before the pseudo-id graph")
-    # 1 keeps the actor off the cores the training workers use.
-    refresh_threads: int = option(1, "faiss OpenMP threads of the memory actor's pseudo-id "
-                                     "refresh (0 = faiss' default, every core)")
+    # Pipelined refresh (DESIGN.md §10): a refresh starts at a memory read on the tables as they
+    # are then, computes in the actor's background thread and is applied at the first read
+    # refresh_lag steps later (a fixed lag: runs stay deterministic and resume exactly); the
+    # read waits only if it is still computing. 20 steps = pseudo_every: a refresh has until
+    # the next one starts (10 s at 500 ms steps; a CUHK-PEDES-size refresh computed in 5-12 s
+    # on this 2-core machine, moderately loaded: benchmarks/RESULTS.md).
+    refresh_lag: int = option(20, "steps from a pseudo-id refresh's start to the memory read "
+                                  "that applies it (0 = synchronous: applied at the read that "
+                                  "starts it)")
+    # 0: every CPU Ray counts on the actor's node. The refresh runs a few seconds every
+    # pseudo_every steps in the background; on a GPU node its cores are mostly idle then.
+    refresh_threads: int = option(0, "CPU threads of the memory actor's pseudo-id refresh "
+                                     "(0 = all the CPUs Ray counts on the actor's node)")
+    # Exact kNN costs Ni x Nt x D twice (CUHK-PEDES: 2 x 1.2 TMAC); above this many
+    # image-caption pairs the clustered search (model/knn.py) compares each image with the
+    # captions of pseudo_probes of the ~sqrt(Nt) caption clusters.
+    pseudo_exact_pairs: int = option(1 << 24, "largest target images x captions product whose "
+                                              "pseudo-id graph uses the exact kNN search")
+    pseudo_probes: int = option(16, "caption clusters each target image is compared with above "
+                                    "gckd.pseudo_exact_pairs (0 = exact search at every size)")
     memory_max_restarts: int = option(3, "times Ray restarts a dead memory actor (it reloads "
                                          "its last per-epoch save)")
     # Epochs of source-only training before adaptation losses switch on: a from-scratch
@@ -501,6 +518,7 @@ def _check_other_ranges(cfg: Config) -> None:
         if doc.type_name == "float" and not math.isfinite(doc.value):
             raise ConfigError(f"{doc.key}: must be a finite number, got {doc.value}")
     for key in ("run.seed", "data.synth_seed", "gckd.warmup_epochs", "gckd.refresh_threads",
+                "gckd.refresh_lag", "gckd.pseudo_exact_pairs", "gckd.pseudo_probes",
                 "gckd.memory_max_restarts", "gckd.pseudo_image_k"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get_key(cfg, key)}")

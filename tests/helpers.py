@@ -25,9 +25,11 @@ SYNTH_SCALE = 0.1
 # Two GCKD epochs from the first step (no warm-up), so the memory's queues and pseudo-ids are
 # part of what a resume must restore. Runs stopped after epoch 1 keep the 2-epoch LR schedule.
 # With deepspeed.zero_stage=3: the ZeRO tests' runs and the session's zero3_whole checkpoint.
+# 12 steps per epoch: the refresh started at step 8 is applied at step 12, after the epoch-1
+# checkpoint, so a resume must carry it (the default 20-step lag would apply none in 24 steps).
 ZERO3_GCKD = ("method=gckd", "train.epochs=2", "gckd.warmup_epochs=0", "gckd.queue_size=512",
               "gckd.memory_nodes=16", "gckd.snapshot_every=2", "gckd.pseudo_every=4",
-              "graph.k=5", "matching.rerank_top_k=0")
+              "gckd.refresh_lag=4", "graph.k=5", "matching.rerank_top_k=0")
 
 
 def write_tiny_clip_tokenizer(directory: Path, eos_last: bool = True) -> None:

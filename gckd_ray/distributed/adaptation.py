@@ -4,11 +4,12 @@ for the epoch loop (``loop.run_epoch``).
 The method itself lives in ``model/gckd.py``; this module feeds it, talking to the memory actor
 only through ``MemoryClient``. Every step pushes the teacher's features (fire-and-forget,
 bounded in flight) and every ``gckd.snapshot_every`` steps reads the memory's published
-snapshot (refreshing pseudo-ids on schedule, each refresh recorded in metrics.jsonl) and turns
-it into the tensors the step expects. A step's batches are read and decoded by ``load_step``
-(in loader processes with ``train.loader_processes``, ``data/loader.py``) and given their views
-on the device by ``prepare_step`` (in a background thread while a step computes with
-``train.prefetch``, ``data/prefetch.py``).
+snapshot (starting pseudo-id refreshes on schedule and applying each ``gckd.refresh_lag`` steps
+later, each recorded in metrics.jsonl when applied) and turns it into the tensors the step
+expects. A step's batches are read and decoded by ``load_step`` (in loader processes with
+``train.loader_processes``, ``data/loader.py``) and given their views on the device by
+``prepare_step`` (in a background thread while a step computes with ``train.prefetch``,
+``data/prefetch.py``).
 """
 
 from __future__ import annotations
@@ -131,27 +132,30 @@ def push_teacher(client: MemoryClient | None, teacher: dict[str, torch.Tensor],
             client.push(modality, feats, domain, labels, rows)
 
 
-def read_memory(client: MemoryClient, refresh: bool, cfg: Config, rank: int,
-                device: torch.device) -> tuple[MemoryView | None, dict[str, float] | None]:
-    """Rank 0 refreshes pseudo-ids when ``refresh`` and publishes a snapshot; every rank reads
-    that publication (its number is broadcast), so all ranks see identical memory.
+def read_memory(client: MemoryClient, refresh: bool, step: int, cfg: Config, rank: int,
+                device: torch.device) -> tuple[MemoryView | None, list[dict[str, float]]]:
+    """The memory read before global step ``step``: rank 0 applies the pseudo-id refreshes due
+    by then, starts one when ``refresh`` and publishes a snapshot (``MemoryClient.read``);
+    every rank reads that publication (its number is broadcast), so all ranks see identical
+    memory.
 
     Returns:
-        the step's memory view, and on rank 0 the refresh's statistics (None without a
-        refresh, and on the other ranks).
+        the step's memory view, and on rank 0 the statistics of the refreshes applied at this
+        read (empty on the other ranks).
     """
-    number, refreshed = torch.zeros(1, dtype=torch.long), None
+    number, refreshed = torch.zeros(1, dtype=torch.long), []
     if rank == 0:
-        number[0], refreshed = client.read(refresh)
+        number[0], refreshed = client.read(refresh, step)
     view = memory_view(client.snapshot(int(broadcast(number, src=0))), cfg.gckd.memory_nodes,
                        device)
     return view, refreshed
 
 
 def refresh_due(epoch: int, step: int, steps: int, cfg: Config) -> bool:
-    """Whether the memory read at (epoch, step) refreshes pseudo-ids: it does when a multiple of
-    ``gckd.pseudo_every`` global steps lies after the previous read and up to this one. A pure
-    function of the schedule, so a resumed run refreshes exactly when an uninterrupted one does."""
+    """Whether the memory read at (epoch, step) starts a pseudo-id refresh: it does when a
+    multiple of ``gckd.pseudo_every`` global steps lies after the previous read and up to this
+    one. A pure function of the schedule, so a resumed run refreshes exactly when an
+    uninterrupted one does (and applies each refresh at the same later read)."""
     snap, every = cfg.gckd.snapshot_every, cfg.gckd.pseudo_every
     now = epoch * steps + step
     if step >= snap:
@@ -165,9 +169,10 @@ def refresh_due(epoch: int, step: int, steps: int, cfg: Config) -> bool:
 
 class GCKDSteps:
     """``gckd``: a source batch and an unpaired target batch per step; the memory is read every
-    ``gckd.snapshot_every`` steps (refreshing pseudo-ids on schedule; ``log``, rank 0's
-    ``MetricsLog``, records each refresh); after the optimizer step the teacher follows by EMA
-    and its features are pushed to the memory (rank 0 pushes)."""
+    ``gckd.snapshot_every`` steps (starting and applying pseudo-id refreshes on schedule;
+    ``log``, rank 0's ``MetricsLog``, records each refresh where it is applied); after the
+    optimizer step the teacher follows by EMA and its features are pushed to the memory (rank
+    0 pushes)."""
 
     def __init__(self, split: PairedSplit, sampler, feed: TargetFeed, memory: MemoryClient,
                  augment, cfg: Config, device: torch.device, rank: int,
@@ -190,10 +195,11 @@ class GCKDSteps:
     def forward(self, model, batch, epoch: int, step: int, steps: int) -> StepResult:
         idx, src, tgt = batch
         if step % self.cfg.gckd.snapshot_every == 0:
-            self.view, refreshed = read_memory(self.memory,
-                                               refresh_due(epoch, step, steps, self.cfg),
-                                               self.cfg, self.rank, self.device)
-            if refreshed is not None and self.log is not None:
+            self.view, applied = read_memory(self.memory,
+                                             refresh_due(epoch, step, steps, self.cfg),
+                                             epoch * steps + step, self.cfg, self.rank,
+                                             self.device)
+            for refreshed in applied if self.log is not None else ():
                 self.log.refresh(epoch, step, refreshed)
         out = model(src, tgt, self.view, self.adapt)
 

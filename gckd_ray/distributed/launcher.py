@@ -132,8 +132,9 @@ def start_memory(cfg: Config, run_name: str, records: list[Record]) -> MemoryCli
         pseudo_k=cfg.gckd.pseudo_k, pseudo_threshold=cfg.gckd.pseudo_threshold,
         pseudo_center=cfg.gckd.pseudo_center, pseudo_image_k=cfg.gckd.pseudo_image_k,
         target_pairs=target_pairs(records) if cfg.data.target.paired else None,
-        faiss_threads=cfg.gckd.refresh_threads, max_restarts=cfg.gckd.memory_max_restarts,
-        seed=cfg.run.seed)
+        faiss_threads=cfg.gckd.refresh_threads, refresh_lag=cfg.gckd.refresh_lag,
+        pseudo_probes=cfg.gckd.pseudo_probes, pseudo_exact_pairs=cfg.gckd.pseudo_exact_pairs,
+        max_restarts=cfg.gckd.memory_max_restarts, seed=cfg.run.seed)
 
 
 def start_line(cfg: Config) -> str:

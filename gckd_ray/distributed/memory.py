@@ -4,10 +4,18 @@ publications, restore-on-restart); ``MemoryClient`` is the only code of the pack
 to it (DESIGN.md §4, §10): the driver creates and finally kills the actor through it, and the
 workers push teacher features (fire-and-forget, bounded in flight), read published snapshots as
 tensors, refresh pseudo-ids, and save and restore the memory's state with it.
+
+The actor runs its tasks one at a time in call order (a plain, not a threaded, actor); a
+pipelined pseudo-id refresh computes in one background thread of its own, on its replica of
+the target tables, with ``gckd.refresh_threads`` threads (0: every CPU Ray counts on the actor's
+node). The actor holds no CPU slot (``num_cpus=0``), so it never keeps Train workers or
+Tune trials from being placed; its refresh uses the node's cores for a few seconds every
+``gckd.pseudo_every`` steps.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import deque
 from pathlib import Path
@@ -31,6 +39,7 @@ class MemoryActor(MemoryBank):
     comes back with its queues, tables and pseudo-ids (pushes after that save are lost)."""
 
     def __init__(self, *args: Any, restore_from: str = "", **kwargs: Any):
+        kwargs["faiss_threads"] = kwargs.get("faiss_threads") or node_cpus()
         super().__init__(*args, **kwargs)
         self.restore_from = restore_from
         self.restored = bool(restore_from) and (Path(restore_from) / MEMORY_FILE).is_file()
@@ -42,7 +51,26 @@ class MemoryActor(MemoryBank):
 
     def ready(self) -> dict[str, Any]:
         """Answers once ``__init__`` has finished (and restored, if it did)."""
-        return {"restored": self.restored, **self.stats()}
+        return {"restored": self.restored, "refresh_threads": self.faiss_threads, **self.stats()}
+
+    def usage(self) -> dict[str, float]:
+        """This actor process: ``pid``, ``rss_mib`` now and ``peak_rss_mib`` (since it
+        started), and the threads its refresh uses (``refresh_threads``)."""
+        kib = {}
+        with open("/proc/self/status") as status:  # VmRSS now, VmHWM its peak (Linux)
+            for line in status:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    kib[name] = int(value.split()[0])
+        return {"pid": os.getpid(), "rss_mib": kib["VmRSS"] / 1024,
+                "peak_rss_mib": kib["VmHWM"] / 1024, "refresh_threads": self.faiss_threads}
+
+    def read(self, step: int, refresh: bool) -> tuple[int, list[dict[str, float]]]:
+        """The memory read before global step ``step``: the pipelined refresh
+        (``refresh_on_schedule``: apply what is due, start one if ``refresh``), then
+        ``publish``. Returns the publication number and the applied refreshes' statistics."""
+        applied = self.refresh_on_schedule(step, refresh)
+        return self.publish(), applied
 
     def snapshot_ref(self) -> list:
         """``[ObjectRef]`` of ``snapshot()``, put in the object store once per version.
@@ -86,6 +114,18 @@ class MemoryActor(MemoryBank):
         return str(self.save(self.restore_from))
 
 
+def node_cpus() -> int:
+    """The CPUs Ray counts on this process's node (its ``CPU`` resource), at most those this
+    process may run on, at least 1: the memory actor's refresh threads for
+    ``gckd.refresh_threads=0``."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes()
+                 if n["NodeID"] == node and n["Alive"]), 0)
+    return max(1, min(int(cpus), len(os.sched_getaffinity(0))))
+
+
 def _as_numpy(x: Any, dtype: np.dtype) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().to("cpu")
@@ -117,10 +157,12 @@ class MemoryClient:
                num_target_texts: int, restore_from: str, pseudo_k: int,
                pseudo_threshold: float, pseudo_center: bool, pseudo_image_k: int,
                faiss_threads: int, seed: int, max_restarts: int, feature_dtype: str = "float32",
-               target_pairs: np.ndarray | None = None,
+               target_pairs: np.ndarray | None = None, refresh_lag: int = 0,
+               pseudo_probes: int = 0, pseudo_exact_pairs: int = 0,
                namespace: str | None = None) -> "MemoryClient":
         """Start (or join, ``get_if_exists``) the named memory actor, wait until it answers and
-        return its client. The bank's arguments are ``MemoryBank``'s; ``restore_from``: the
+        return its client. The bank's arguments are ``MemoryBank``'s, except ``faiss_threads``
+        0: every CPU Ray counts on the actor's node (``node_cpus``); ``restore_from``: the
         folder a restarted actor reloads its last ``autosave`` from ("" for none);
         ``max_restarts``: Ray restarts of a dead actor process.
 
@@ -138,7 +180,8 @@ class MemoryClient:
                  pseudo_threshold=pseudo_threshold, seed=seed, feature_dtype=feature_dtype,
                  faiss_threads=faiss_threads, pseudo_center=pseudo_center,
                  pseudo_image_k=pseudo_image_k,
-                 target_pairs=target_pairs,
+                 target_pairs=target_pairs, refresh_lag=refresh_lag,
+                 pseudo_probes=pseudo_probes, pseudo_exact_pairs=pseudo_exact_pairs,
                  restore_from=restore_from)
         ray.get(actor.ready.remote())  # surfaces a failed restore here, not at the first push
         return cls(actor)
@@ -177,26 +220,27 @@ class MemoryClient:
 
     def refresh(self) -> dict[str, float]:
         """Recompute the target pseudo-ids now and wait; returns the refresh's statistics
-        (``MemoryBank.refresh_pseudo_ids``)."""
+        (``MemoryBank.refresh_pseudo_ids``). Outside the pipelined schedule of ``read``."""
         import ray
 
         return ray.get(self.actor.refresh_pseudo_ids.remote())
 
-    def read(self, refresh: bool) -> tuple[int, dict[str, float] | None]:
-        """Flush the pending pushes, refresh the pseudo-ids when ``refresh``, and publish a
-        snapshot (``MemoryActor.publish``): one caller (rank 0) does this and tells the other
-        ranks the publication number, so every rank reads the same memory.
+    def read(self, refresh: bool, step: int) -> tuple[int, list[dict[str, float]]]:
+        """The memory read before global step ``step``: flush the pending pushes, then in the
+        actor apply the pseudo-id refreshes due by ``step`` (waiting for one still computing),
+        start one when ``refresh`` (applied ``gckd.refresh_lag`` steps later; at once with lag
+        0) and publish a snapshot (``MemoryActor.read``). One caller (rank 0) does this and
+        tells the other ranks the publication number, so every rank reads the same memory.
 
         Returns:
-            the publication number (for ``snapshot``) and the refresh's statistics (None
-            without a refresh).
+            the publication number (for ``snapshot``) and the statistics of each refresh
+            applied at this read (``MemoryBank.refresh_on_schedule``; usually none or one).
         """
         import ray
 
         self.flush()
-        refreshed = self.actor.refresh_pseudo_ids.remote() if refresh else None
-        number = ray.get(self.actor.publish.remote())  # after the refresh: same caller
-        return number, (ray.get(refreshed) if refreshed is not None else None)
+        number, applied = ray.get(self.actor.read.remote(step, refresh))
+        return number, applied
 
     def snapshot(self, publication: int | None = None) -> dict[str, torch.Tensor]:
         """The actor's latest snapshot, or publication ``publication`` (``read``), as tensors
@@ -216,8 +260,16 @@ class MemoryClient:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return {k: torch.from_numpy(v) for k, v in arrays.items()}
 
+    def usage(self) -> dict[str, float]:
+        """The actor process's ``pid``, ``rss_mib``, ``peak_rss_mib`` and
+        ``refresh_threads`` (``MemoryActor.usage``)."""
+        import ray
+
+        return ray.get(self.actor.usage.remote())
+
     def state(self) -> dict[str, np.ndarray]:
-        """The memory's whole state (``MemoryBank.state_dict``), for a checkpoint."""
+        """The memory's whole state (``MemoryBank.state_dict``, pending refreshes with their
+        results: waits for any still computing), for a checkpoint."""
         import ray
 
         return ray.get(self.actor.state_dict.remote())

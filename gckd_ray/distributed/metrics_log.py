@@ -11,13 +11,14 @@ after each epoch's target evaluation ``{"kind": "eval", "step", "epoch", "metric
 {"R1", "R5", "R10", "mAP", "mINP", ..., "target_mnn"}}`` (the test split's metrics only on
 the epochs ``train.eval_every`` scores; ``target_mnn`` every epoch; no record when an epoch
 scored nothing), after which ``curves.png`` is redrawn (from the train and eval records), and
-with ``method=gckd`` after each target pseudo-id refresh of the memory ``{"kind": "refresh",
-"step": <steps done before it>, "epoch", "num_clusters", "image_coverage", "text_coverage",
-"mean_cluster_size", "num_nodes", "num_edges", "seconds"}``
-(``MemoryBank.refresh_pseudo_ids``), and with ``data.on_bad_image=skip`` after each epoch
-``{"kind": "skipped_images", "step", "epoch", "epochs", "count": <bad image files met so far,
-all workers>, "files": [...]}``. Steps count the epoch loop's batches (micro-batches under
-gradient accumulation) from the start of the run.
+with ``method=gckd`` after each target pseudo-id refresh of the memory, where it is applied,
+``{"kind": "refresh", "step": <steps done before it>, "epoch", "num_clusters",
+"image_coverage", "text_coverage", "mean_cluster_size", "num_nodes", "num_edges", "seconds",
+"started_step", "wait_seconds"}`` (``MemoryBank.refresh_on_schedule``: computed from the memory
+at ``started_step``, ``gckd.refresh_lag`` steps earlier), and with ``data.on_bad_image=skip``
+after each epoch ``{"kind": "skipped_images", "step", "epoch", "epochs", "count": <bad image
+files met so far, all workers>, "files": [...]}``. Steps count the epoch loop's batches
+(micro-batches under gradient accumulation) from the start of the run.
 
 Resume (``run.resume`` or Ray Train's restart after a failure) starts from a checkpoint after
 some epoch: the records of later epochs, written before the interruption, are dropped so that
@@ -97,8 +98,9 @@ class MetricsLog:
                       "text": text, "time": time.time()})
 
     def refresh(self, epoch: int, step: int, stats: dict[str, float]) -> None:
-        """Append what a pseudo-id refresh did, read before step ``step`` of ``epoch`` (both
-        0-based, as ``progress``); ``stats`` as ``MemoryBank.refresh_pseudo_ids`` returns."""
+        """Append what a pseudo-id refresh did, applied at the read before step ``step`` of
+        ``epoch`` (both 0-based, as ``progress``); ``stats`` as
+        ``MemoryBank.refresh_on_schedule`` returns."""
         self._append({"kind": "refresh", "step": epoch * self.steps_per_epoch + step,
                       "epoch": epoch + 1, **stats, "time": time.time()})
 

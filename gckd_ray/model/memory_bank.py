@@ -11,8 +11,18 @@ Layout (DESIGN.md §2 items 3 and 6, §4):
 - per target row the newest feature pushed for it (``num_target_images x D`` and
   ``num_target_texts x D`` tables with a ``seen`` mask): the nodes of the cross-domain graph;
 - target pseudo-ids: connected components of the mutual-kNN graph over those nodes that hold at
-  least one image and one caption (``model/pseudo_ids.py``), recomputed by
-  ``refresh_pseudo_ids`` on the caller's schedule.
+  least one image and one caption (``model/pseudo_ids.py``), recomputed on the caller's
+  schedule: at once (``refresh_pseudo_ids``) or pipelined (``refresh_on_schedule``).
+
+Pipelined refresh (DESIGN.md §10): a refresh started at the memory read before global step s
+computes in a background thread on the target tables as they were at that read (its own
+replica, brought up to date from the journal of rows written since the previous start:
+``model/pseudo_refresh.py``) and is applied at the first read
+from step s + ``refresh_lag`` on, waiting there only if it is still computing. Which pseudo-ids
+a read publishes is therefore a function of the schedule alone, never of timing, and
+``state_dict`` carries the refreshes started but not applied yet (their results), so a run
+resumed from a checkpoint applies exactly what an uninterrupted one would. ``refresh_lag`` 0 is
+the synchronous refresh, computed in the caller's thread.
 
 Features are stored and snapshotted in ``feature_dtype`` (float32 by default; float16 halves the
 memory, the snapshot and the object-store traffic — the consumer then casts). Target tables use
@@ -22,17 +32,23 @@ the same dtype; the graph is always built in float32.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from gckd_ray.checkpoint_format import MEMORY_CONFIG_KEYS, read_state, write_state
+from gckd_ray.model import pseudo_refresh
 from gckd_ray.model.centring import SOURCE, TARGET
-from gckd_ray.model.pseudo_ids import centred_rows, cross_modal_pseudo_ids, normalised_rows
+from gckd_ray.model.pseudo_refresh import (MODALITIES, REFRESH_STATS, JournalEntry,
+                                           PendingRefresh, Refreshed, TableReplica)
 
-MODALITIES = ("image", "text")
 FEATURE_DTYPES = ("float32", "float16")
+# The pending refreshes in a saved state (absent from states saved before they existed).
+PENDING_KEYS = ("refresh_started", "refresh_apply_at", "refresh_image_ids", "refresh_text_ids",
+                "refresh_stats")
 
 
 def check_push(modality: str, features: np.ndarray, domain: int, labels: np.ndarray,
@@ -77,16 +93,23 @@ class MemoryBank:
             (``gckd.pseudo_image_k``; 0 = image-caption edges only).
         faiss_threads: OpenMP threads for the kNN search (``gckd.refresh_threads``; 0 leaves
             faiss' default: every core).
-        seed: kept in the state for reproducible randomised refreshes; the mutual-kNN refresh
-            is exact and deterministic and does not draw from it.
+        seed: kept in the state; seeds the clustered search's k-means (deterministic).
         feature_dtype: ``"float32"`` or ``"float16"``: storage and snapshot dtype of features.
         target_pairs: paired-target variant only: the image row of each target caption.
+        refresh_lag: steps from a refresh's start to the read that applies it
+            (``gckd.refresh_lag``, ``refresh_on_schedule``); 0: applied at the read that
+            starts it.
+        pseudo_probes: 0: exact kNN search at every size; else graphs of more than
+            ``pseudo_exact_pairs`` image-caption pairs use the clustered search, each image
+            meeting the captions of this many caption clusters (``gckd.pseudo_probes``,
+            ``gckd.pseudo_exact_pairs``; ``model/knn.py``).
     """
 
     def __init__(self, dim: int, queue_size: int, num_target_images: int, num_target_texts: int,
                  *, pseudo_k: int, pseudo_threshold: float, pseudo_center: bool,
                  pseudo_image_k: int, faiss_threads: int, seed: int, feature_dtype: str = "float32",
-                 target_pairs: np.ndarray | None = None):
+                 target_pairs: np.ndarray | None = None, refresh_lag: int = 0,
+                 pseudo_probes: int = 0, pseudo_exact_pairs: int = 0):
         if dim <= 0 or queue_size <= 0 or num_target_images < 0 or num_target_texts < 0:
             raise ValueError("dim and queue_size must be > 0, target sizes >= 0")
         if feature_dtype not in FEATURE_DTYPES:
@@ -94,15 +117,18 @@ class MemoryBank:
                              f"got {feature_dtype!r}")
         if pseudo_k < 1:
             raise ValueError(f"pseudo_k must be >= 1, got {pseudo_k}")
-        if faiss_threads < 0:
-            raise ValueError(f"faiss_threads must be >= 0, got {faiss_threads}")
-        if pseudo_image_k < 0:
-            raise ValueError(f"pseudo_image_k must be >= 0, got {pseudo_image_k}")
+        for name, value in (("faiss_threads", faiss_threads), ("pseudo_image_k", pseudo_image_k),
+                            ("refresh_lag", refresh_lag), ("pseudo_probes", pseudo_probes),
+                            ("pseudo_exact_pairs", pseudo_exact_pairs)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.dim, self.queue_size = dim, queue_size
         self.num_targets = {"image": num_target_images, "text": num_target_texts}
         self.pseudo_k, self.pseudo_threshold, self.seed = pseudo_k, float(pseudo_threshold), seed
         self.feature_dtype, self.faiss_threads = feature_dtype, faiss_threads
         self.pseudo_center, self.pseudo_image_k = pseudo_center, pseudo_image_k
+        self.refresh_lag, self.pseudo_probes = refresh_lag, pseudo_probes
+        self.pseudo_exact_pairs = pseudo_exact_pairs
         # Paired-target variant: caption row -> image row of the target training set.
         self.target_pairs = None if target_pairs is None else self._check_pairs(target_pairs)
         self.version = 0         # +1 per push
@@ -117,6 +143,13 @@ class MemoryBank:
         self._table = {m: np.zeros((n, dim), dt) for m, n in self.num_targets.items()}
         self._seen = {m: np.zeros(n, bool) for m, n in self.num_targets.items()}
         self._pseudo = {m: np.full(n, -1, np.int64) for m, n in self.num_targets.items()}
+        self._pending: list[PendingRefresh] = []  # started, not applied yet; oldest first
+        # Lagged graph refreshes read a replica of the tables in the refresh thread; the rows
+        # written since the last start, in order, bring it up to date there.
+        self._journaling = refresh_lag > 0 and self.target_pairs is None
+        self._journal: list[JournalEntry] = []
+        self._replica: TableReplica | None = None
+        self._worker: ThreadPoolExecutor | None = None
 
     def _check_pairs(self, pairs: np.ndarray) -> np.ndarray:
         pairs = np.asarray(pairs, np.int64)
@@ -160,6 +193,8 @@ class MemoryBank:
         rows = indices[last]
         self._table[modality][rows] = features[last]
         self._seen[modality][rows] = True
+        if self._journaling:
+            self._journal.append((modality, rows, self._table[modality][rows]))
 
     def _enqueue(self, m: str, features: np.ndarray, domain: int, labels: np.ndarray,
                  indices: np.ndarray) -> None:
@@ -192,50 +227,87 @@ class MemoryBank:
         return self._table[modality].copy(), self._seen[modality].copy()
 
     def refresh_pseudo_ids(self) -> dict[str, float]:
-        """Recompute target pseudo-ids from the cross-domain graph (never from labels).
+        """Recompute target pseudo-ids from the cross-domain graph (never from labels), now.
 
         Nodes: the newest feature of every seen target image and caption, centred per modality
         when ``pseudo_center`` (the shared component makes every cosine high and turns a few
         nodes into hubs; measured on a source-only teacher: mutual-NN pair precision 3.0% raw,
         5.2% centred). Edges: image-caption pairs that are among each other's ``pseudo_k``
-        nearest of the other modality (cosine, faiss ``IndexFlatIP``), cosine
-        ``>= pseudo_threshold``. A connected component holding at
-        least one image and one caption gets a pseudo-id (numbered by its first node: images by
-        row, then captions by row); every other row gets -1 (``model/pseudo_ids.py``).
+        nearest of the other modality (cosine; faiss ``IndexFlatIP``, or the clustered search
+        above ``pseudo_exact_pairs`` pairs when ``pseudo_probes``), cosine
+        ``>= pseudo_threshold``; with ``pseudo_image_k``, also image-image mutual neighbours. A
+        connected component of two or more nodes gets a pseudo-id (numbered by its first node:
+        images by row, then captions by row); every other row gets -1 (``model/pseudo_ids.py``).
         Deterministic. The paired variant groups each caption with its known image instead.
 
         Returns:
             ``num_clusters``, ``image_coverage`` / ``text_coverage`` (fraction of all target
             rows with a pseudo-id), ``mean_cluster_size`` (nodes per pseudo-id),
-            ``num_nodes``, ``num_edges``, and ``seconds`` (wall time of the refresh).
+            ``num_nodes``, ``num_edges``, and ``seconds`` (wall time of the computation).
         """
-        start = time.perf_counter()
-        stats = self._pair_ids() if self.target_pairs is not None else self._graph_ids()
-        return {**stats, "seconds": time.perf_counter() - start}
+        return self._apply(self._frozen_refresh()())
 
-    def _graph_ids(self) -> dict[str, float]:
-        rows = {m: np.flatnonzero(self._seen[m]) for m in MODALITIES}
-        prepare = centred_rows if self.pseudo_center else normalised_rows
-        images, texts = (prepare(self._table[m][rows[m]]) for m in MODALITIES)
-        image_ids, text_ids, num_edges = cross_modal_pseudo_ids(
-            images, texts, self.pseudo_k, self.pseudo_threshold, self.faiss_threads,
-            self.pseudo_image_k)
-        for m, ids in (("image", image_ids), ("text", text_ids)):
-            self._pseudo[m].fill(-1)
-            self._pseudo[m][rows[m]] = ids
+    def refresh_on_schedule(self, step: int, start: bool) -> list[dict[str, float]]:
+        """The pipelined refresh at the memory read before global step ``step``: apply every
+        pending refresh due by now (``apply_at <= step``, oldest first, waiting for one still
+        computing), then, if ``start``, start one on the memory as it is now, computed in a
+        background thread and applied at the first read from step ``step + refresh_lag`` on
+        (with lag 0: computed here and applied at once, as ``refresh_pseudo_ids``).
+
+        Returns:
+            per refresh applied here, its statistics (``refresh_pseudo_ids``) with
+            ``started_step`` (the step it started before) and ``wait_seconds`` (how long this
+            read waited for it to finish).
+        """
+        applied = self._apply_due(step)
+        if start:
+            if self.refresh_lag == 0:
+                result: Future = Future()
+                result.set_result(self._frozen_refresh()())
+            else:
+                compute = self._frozen_refresh(background=True)
+                if self._worker is None:
+                    self._worker = ThreadPoolExecutor(1, thread_name_prefix="pseudo-id-refresh")
+                result = self._worker.submit(compute)
+            self._pending.append(PendingRefresh(step, step + self.refresh_lag, result))
+            applied += self._apply_due(step)
+        return applied
+
+    def _apply_due(self, step: int) -> list[dict[str, float]]:
+        applied = []
+        while self._pending and self._pending[0].apply_at <= step:
+            pending = self._pending.pop(0)
+            begin = time.perf_counter()
+            refreshed = pending.result.result()  # a failed refresh raises here
+            waited = time.perf_counter() - begin
+            applied.append({**self._apply(refreshed), "started_step": float(pending.started),
+                            "wait_seconds": waited})
+        return applied
+
+    def _apply(self, refreshed: Refreshed) -> dict[str, float]:
+        self._pseudo["image"], self._pseudo["text"] = refreshed.image_ids, refreshed.text_ids
         self.pseudo_version += 1
-        # ids are 0 .. clusters - 1, each held by at least one image and one caption
-        clusters = 1 + max(image_ids.max(initial=-1), text_ids.max(initial=-1))
-        labelled = (image_ids >= 0).sum() + (text_ids >= 0).sum()
+        return dict(refreshed.stats)
 
-        def coverage(m: str) -> float:
-            n = self.num_targets[m]
-            return float((self._pseudo[m] >= 0).sum() / n) if n else 0.0
-
-        return {"num_clusters": float(clusters), "image_coverage": coverage("image"),
-                "text_coverage": coverage("text"),
-                "mean_cluster_size": float(labelled / clusters) if clusters else 0.0,
-                "num_nodes": float(len(images) + len(texts)), "num_edges": float(num_edges)}
+    def _frozen_refresh(self, background: bool = False) -> Callable[[], Refreshed]:
+        """The refresh of the memory as it is now, as a function: called at once on the live
+        tables, or with ``background`` later in the refresh thread on its replica, handed the
+        journal of the rows written since the previous background start (which it replays
+        first). Either way it holds the seen rows and the settings of now."""
+        if self.target_pairs is not None:
+            return partial(pseudo_refresh.pair_ids, self.num_targets["image"], self.target_pairs)
+        rows = {m: np.flatnonzero(self._seen[m]) for m in MODALITIES}
+        pairs = len(rows["image"]) * len(rows["text"])
+        probes = self.pseudo_probes if pairs > self.pseudo_exact_pairs else 0
+        settings = (dict(self.num_targets), self.pseudo_k, self.pseudo_image_k,
+                    self.pseudo_threshold, self.pseudo_center, self.faiss_threads, probes,
+                    self.seed)
+        if not background:
+            return partial(pseudo_refresh.graph_ids, dict(self._table), rows, *settings)
+        if self._replica is None:
+            self._replica = TableReplica(self.num_targets, self.dim, np.dtype(self.feature_dtype))
+        journal, self._journal = self._journal, []
+        return partial(pseudo_refresh.replica_graph_ids, self._replica, journal, rows, *settings)
 
     def pseudo_ids(self) -> tuple[np.ndarray, np.ndarray]:
         """Copies of the target image ``(num_target_images,)`` and caption
@@ -277,34 +349,30 @@ class MemoryBank:
             out[f"{m}_source"] = int((domain == SOURCE).sum())
             out[f"{m}_target"] = int((domain == TARGET).sum())
             out[f"target_{m}_seen"] = int(self._seen[m].sum())
+        out["pending_refreshes"] = len(self._pending)
         return out
 
     def _filled_slots(self, m: str) -> np.ndarray:
         return (self._ptr[m] - self._count[m] + np.arange(self._count[m])) % self.queue_size
 
     # ------------------------------------------------------------------ state
-    def _pair_ids(self) -> dict[str, float]:
-        """Paired variant: each target image is its own group, each caption joins its image's
-        (the pairs are known; person ids still are not)."""
-        self._pseudo["image"] = np.arange(self.num_targets["image"], dtype=np.int64)
-        self._pseudo["text"] = self.target_pairs.copy()
-        self.pseudo_version += 1
-        n_img, n_txt = self.num_targets["image"], self.num_targets["text"]
-        return {"num_clusters": float(n_img), "image_coverage": 1.0, "text_coverage": 1.0,
-                "mean_cluster_size": (n_img + n_txt) / n_img if n_img else 0.0,
-                "num_nodes": float(n_img + n_txt), "num_edges": float(n_txt)}
-
     @staticmethod
     def _state_keys() -> list[str]:
         per_modality = ("{m}_features", "{m}_domain", "{m}_labels", "{m}_indices", "{m}_ptr",
                         "{m}_count", "target_{m}_features", "target_{m}_seen",
                         "target_{m}_pseudo_ids")
         return [*MEMORY_CONFIG_KEYS, "pseudo_k", "seed", "version", "pseudo_version",
-                "pseudo_threshold", "feature_dtype", "target_pairs",
+                "pseudo_threshold", "feature_dtype", "target_pairs", *PENDING_KEYS,
                 *(k.format(m=m) for m in MODALITIES for k in per_modality)]
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """Every array of the bank, plain numpy (no objects: loadable with allow_pickle=False)."""
+        """Every array of the bank, plain numpy (no objects: loadable with allow_pickle=False).
+
+        Pending refreshes (started, not applied yet) are saved with their results: this waits
+        for any still computing, so that a bank loaded from the state applies exactly what
+        this one would (``refresh_started``, ``refresh_apply_at`` (P,), ``refresh_image_ids``
+        (P, num_target_images), ``refresh_text_ids`` (P, num_target_texts),
+        ``refresh_stats`` (P, len(REFRESH_STATS)))."""
         state = {"dim": self.dim, "queue_size": self.queue_size,
                  "num_target_images": self.num_targets["image"],
                  "num_target_texts": self.num_targets["text"], "pseudo_k": self.pseudo_k,
@@ -323,11 +391,31 @@ class MemoryBank:
                           f"target_{m}_features": self._table[m],
                           f"target_{m}_seen": self._seen[m],
                           f"target_{m}_pseudo_ids": self._pseudo[m]})
+        state.update(self._pending_state())
         return {k: v.copy() for k, v in state.items()}
+
+    def _pending_state(self) -> dict[str, np.ndarray]:
+        done = [p.result.result() for p in self._pending]
+
+        def rows(values: list, width: int, dtype: type) -> np.ndarray:
+            out = np.zeros((len(values), width), dtype)
+            for j, value in enumerate(values):
+                out[j] = value
+            return out
+
+        return {
+            "refresh_started": np.array([p.started for p in self._pending], np.int64),
+            "refresh_apply_at": np.array([p.apply_at for p in self._pending], np.int64),
+            "refresh_image_ids": rows([r.image_ids for r in done], self.num_targets["image"],
+                                      np.int64),
+            "refresh_text_ids": rows([r.text_ids for r in done], self.num_targets["text"],
+                                     np.int64),
+            "refresh_stats": rows([[r.stats[k] for k in REFRESH_STATS] for r in done],
+                                  len(REFRESH_STATS), np.float64)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         """Replace the bank's contents; sizes (dim, queue size, target sizes) must match."""
-        missing = sorted(set(self._state_keys()) - set(state))
+        missing = sorted(set(self._state_keys()) - set(PENDING_KEYS) - set(state))
         if missing:
             raise ValueError(f"memory state lacks {missing}")
         sizes = {"dim": self.dim, "queue_size": self.queue_size,
@@ -353,6 +441,29 @@ class MemoryBank:
             self._table[m] = np.array(state[f"target_{m}_features"], dt)
             self._seen[m] = np.array(state[f"target_{m}_seen"], bool)
             self._pseudo[m] = np.array(state[f"target_{m}_pseudo_ids"], np.int64)
+        self._load_pending(state)
+        if self._journaling:  # the replica catches up with the loaded tables at the next start
+            self._journal = [(m, seen, self._table[m][seen]) for m in MODALITIES
+                             for seen in [np.flatnonzero(self._seen[m])]]
+
+    def _load_pending(self, state: dict[str, np.ndarray]) -> None:
+        """The saved pending refreshes replace the bank's own (whose computations are dropped:
+        those not started are cancelled, a running one is waited for). States saved before the
+        pipelined refresh have none."""
+        for pending in self._pending:
+            pending.result.cancel()
+        wait([p.result for p in self._pending])
+        self._pending = []
+        if PENDING_KEYS[0] not in state:
+            return
+        for started, apply_at, image_ids, text_ids, stats in zip(
+                state["refresh_started"], state["refresh_apply_at"], state["refresh_image_ids"],
+                state["refresh_text_ids"], state["refresh_stats"]):
+            result: Future = Future()
+            result.set_result(Refreshed(np.array(image_ids, np.int64),
+                                        np.array(text_ids, np.int64),
+                                        dict(zip(REFRESH_STATS, map(float, stats)))))
+            self._pending.append(PendingRefresh(int(started), int(apply_at), result))
 
     def save(self, directory: str | Path) -> Path:
         """Write ``directory/memory.npz`` atomically (see ``write_state``); return its path."""
@@ -360,15 +471,17 @@ class MemoryBank:
 
     @classmethod
     def load(cls, directory: str | Path, *, pseudo_center: bool, pseudo_image_k: int,
-             faiss_threads: int) -> "MemoryBank":
+             faiss_threads: int, **refresh: int) -> "MemoryBank":
         """A bank rebuilt from ``directory/memory.npz``; the state does not hold the refresh's
-        ``pseudo_center``, ``pseudo_image_k`` and ``faiss_threads``, so the caller gives them."""
+        ``pseudo_center``, ``pseudo_image_k``, ``faiss_threads`` and the keyword arguments
+        ``refresh_lag``, ``pseudo_probes``, ``pseudo_exact_pairs`` (defaults as the
+        constructor's), so the caller gives them."""
         state = read_state(directory)
         bank = cls(int(state["dim"]), int(state["queue_size"]), int(state["num_target_images"]),
                    int(state["num_target_texts"]), pseudo_k=int(state["pseudo_k"]),
                    pseudo_threshold=float(state["pseudo_threshold"]),
                    pseudo_center=pseudo_center, pseudo_image_k=pseudo_image_k,
-                   faiss_threads=faiss_threads,
-                   seed=int(state["seed"]), feature_dtype=str(state["feature_dtype"]))
+                   faiss_threads=faiss_threads, seed=int(state["seed"]),
+                   feature_dtype=str(state["feature_dtype"]), **refresh)
         bank.load_state_dict(state)
         return bank

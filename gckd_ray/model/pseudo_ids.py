@@ -4,32 +4,45 @@ code: the memory bank (``model/memory_bank.py``) calls it on its target tables, 
 
 Nodes are target image and caption features (optionally centred per modality); edges join an
 image and a caption that are among each other's k nearest of the other modality (the kNN is
-``model/knn.py``'s faiss search, the one the GMP graph uses) above a cosine threshold, and,
-optionally, two images that are among each other's nearest images; a connected component of
-two or more nodes is one pseudo-id. Never reads labels; deterministic.
+``model/knn.py``'s exact faiss search, the one the GMP graph uses, or with ``probes`` its
+clustered search, for dataset-size tables) above a cosine threshold, and, optionally, two images
+that are among each other's nearest images (exact search); a connected component of two or more
+nodes is one pseudo-id. Never reads labels; deterministic.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from gckd_ray.model.knn import faiss_knn
+from gckd_ray.model.knn import clustered_cross_knn, faiss_knn
 
 
-def normalised_rows(features: np.ndarray) -> np.ndarray:
-    """L2-normalise rows (float32)."""
-    x = features.astype(np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+def normalised_rows(features: np.ndarray, copy: bool = True) -> np.ndarray:
+    """L2-normalise rows (float32; ``copy=False``: in place when ``features`` is float32)."""
+    return _normalise(_float32(features, copy))
 
 
-def centred_rows(features: np.ndarray) -> np.ndarray:
-    """Subtract the mean and re-normalise rows (float32)."""
-    x = features.astype(np.float32)
-    return normalised_rows(x - x.mean(0, keepdims=True) if len(x) else x)
+def centred_rows(features: np.ndarray, copy: bool = True) -> np.ndarray:
+    """Subtract the mean and re-normalise rows (float32; ``copy=False``: in place when
+    ``features`` is float32)."""
+    x = _float32(features, copy)
+    if len(x):
+        x -= x.mean(0, keepdims=True)
+    return _normalise(x)
+
+
+def _float32(features: np.ndarray, copy: bool) -> np.ndarray:
+    return np.array(features, np.float32) if copy else np.asarray(features, np.float32)
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    # in place: a dataset-size table is 100k x 512 (and the same values as out of place)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
 
 
 def cross_modal_mutual_edges(images: np.ndarray, texts: np.ndarray, k: int, threshold: float,
-                             num_threads: int) -> np.ndarray:
+                             num_threads: int, probes: int = 0, seed: int = 0) -> np.ndarray:
     """Image-caption edges where each is among the other's k nearest of the other modality.
 
     Cross-modal on purpose: within a modality every neighbour beats any cross-modal one (the
@@ -40,14 +53,21 @@ def cross_modal_mutual_edges(images: np.ndarray, texts: np.ndarray, k: int, thre
         k: neighbours of the other modality per node.
         threshold: minimum cosine of a kept edge.
         num_threads: faiss OpenMP threads (0 = faiss' default, every core).
+        probes: 0: exact search (``faiss_knn``, both directions); else the clustered search
+            (``clustered_cross_knn``: each image meets the captions of ``probes`` caption
+            clusters, each caption the images that reach its cluster), seeded by ``seed``.
 
     Returns:
-        (E, 2) int64 ``[image row, Ni + text row]``, sorted.
+        (E, 2) int64 ``[image row, Ni + text row]``, by image row.
     """
     if len(images) == 0 or len(texts) == 0:
         return np.zeros((0, 2), np.int64)
-    sim_it, nn_it = faiss_knn(images, texts, k, num_threads=num_threads)  # (Ni, k) texts
-    _, nn_ti = faiss_knn(texts, images, k, num_threads=num_threads)       # (Nt, k) images
+    if probes:
+        sim_it, nn_it, _, nn_ti = clustered_cross_knn(images, texts, k, probes=probes, seed=seed,
+                                                      num_threads=num_threads)
+    else:
+        sim_it, nn_it = faiss_knn(images, texts, k, num_threads=num_threads)  # (Ni, k) texts
+        _, nn_ti = faiss_knn(texts, images, k, num_threads=num_threads)       # (Nt, k) images
     img = np.repeat(np.arange(len(images), dtype=np.int64), nn_it.shape[1])
     txt, sims = nn_it.ravel().astype(np.int64), sim_it.ravel()
     back = (nn_ti[txt] == img[:, None]).any(axis=1)
@@ -109,7 +129,7 @@ def connected_components(num_nodes: int, edges: np.ndarray) -> np.ndarray:
 
 
 def cross_modal_pseudo_ids(images: np.ndarray, texts: np.ndarray, k: int, threshold: float,
-                           num_threads: int, image_k: int
+                           num_threads: int, image_k: int, probes: int = 0, seed: int = 0
                            ) -> tuple[np.ndarray, np.ndarray, int]:
     """Pseudo-ids of image and caption nodes: the connected components of two or more nodes of
     :func:`cross_modal_mutual_edges` plus, with ``image_k`` > 0, :func:`image_mutual_edges`,
@@ -118,14 +138,15 @@ def cross_modal_pseudo_ids(images: np.ndarray, texts: np.ndarray, k: int, thresh
 
     Args:
         images: (Ni, D), texts: (Nt, D) prepared (normalised or centred) features.
-        k, threshold, num_threads: as :func:`cross_modal_mutual_edges`.
+        k, threshold, num_threads, probes, seed: as :func:`cross_modal_mutual_edges`.
         image_k: neighbours per image of the image-image edges (0 = none).
     Returns:
         image ids (Ni,) int64, caption ids (Nt,) int64, and the number of edges.
     """
     num_images, num_nodes = len(images), len(images) + len(texts)
-    edges = np.concatenate([cross_modal_mutual_edges(images, texts, k, threshold, num_threads),
-                            image_mutual_edges(images, image_k, num_threads)])
+    edges = np.concatenate([
+        cross_modal_mutual_edges(images, texts, k, threshold, num_threads, probes, seed),
+        image_mutual_edges(images, image_k, num_threads)])
     root = connected_components(num_nodes, edges)
     size = np.bincount(root, minlength=num_nodes)
     grouped = np.flatnonzero(size >= 2)  # roots, ascending = first node

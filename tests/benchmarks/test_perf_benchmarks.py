@@ -1,5 +1,5 @@
-"""Smoke runs of the performance benchmarks (issue 8) on tiny sizes: every phase, pipeline and
-figure they report is produced by the real code path. No timing is asserted."""
+"""Smoke runs of the performance benchmarks (issues 8 and 25) on tiny sizes: every phase,
+pipeline and figure they report is produced by the real code path. No timing is asserted."""
 
 import json
 import subprocess
@@ -30,6 +30,27 @@ def test_step_breakdown_smoke_times_every_phase(ray_session, capsys):
     assert result["engine"] == "deepspeed" and result["graph_nodes"] == 4 * 4 + 4 * 4
     assert not torch.distributed.is_initialized()  # its one-rank group is gone
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+
+
+@pytest.mark.slow
+def test_pseudo_refresh_smoke_applies_each_refresh_lag_steps_after_its_start(ray_session,
+                                                                            capsys):
+    from benchmarks import pseudo_refresh
+
+    result = pseudo_refresh.main(["--smoke"])
+    assert result["search"].startswith("clustered") and result["refresh_lag"] == 4
+    assert [(int(r["started_step"]), r["applied_step"]) for r in result["refreshes"]] == \
+        [(4, 8), (8, 12)]
+    assert all(r["num_nodes"] == 120 + 240 and r["seconds"] > 0 for r in result["refreshes"])
+    assert result["refresh_s"] > 0 and 0 <= result["wait_fraction"] < 1
+    assert result["read_ms"]["control"]["total"] > 0 and result["reads"] == 7
+    assert result["wait_s"] == sum(r["wait_seconds"] for r in result["refreshes"]) >= 0
+    assert "interference_fraction" in result and set(result["overrun_s"]) == {"control",
+                                                                               "refresh"}
+    assert result["actor_rss_mib"] > 0 and result["refresh_threads"] >= 1
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line == {k: result[k] for k in ("size", "refresh_s", "wait_fraction",
+                                           "actor_rss_mib")}
 
 
 def test_mfu_smoke_runs_without_ray_deepspeed_and_faiss():

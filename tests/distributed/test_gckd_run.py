@@ -16,9 +16,11 @@ from gckd_ray.results import METRIC_KEYS
 
 pytestmark = pytest.mark.slow
 
+# A refresh every 4 steps, applied 4 steps after its start (12 steps per epoch; the default
+# 20-step lag would apply none in these 24 steps).
 GCKD = ("method=gckd", "train.epochs=2", "gckd.warmup_epochs=1", "gckd.queue_size=512",
         "gckd.memory_nodes=16", "gckd.snapshot_every=2", "gckd.pseudo_every=4",
-        "graph.k=5")
+        "gckd.refresh_lag=4", "graph.k=5")
 
 
 def _scrambled_copy(domain_dir, out_dir, seed=0):
@@ -65,9 +67,9 @@ def test_target_ids_and_pairing_never_reach_training(ray_session, tiny_config, s
     steps = [r["step"] for r in refreshes[0]]
     assert steps and steps == sorted(set(steps)) and {r["epoch"] for r in refreshes[0]} <= {1, 2}
     assert all(r["seconds"] > 0 and r["num_nodes"] > 0 and 0 <= r["text_coverage"] <= 1
-               for r in refreshes[0])
-    found = [[{k: v for k, v in r.items() if k not in ("seconds", "time")} for r in run]
-             for run in refreshes]
+               and r["step"] - r["started_step"] == 4 for r in refreshes[0])
+    found = [[{k: v for k, v in r.items() if k not in ("seconds", "wait_seconds", "time")}
+              for r in run] for run in refreshes]
     assert found[0] == found[1]
     # The lexical bridge ran, and read only what scrambling leaves intact.
     aliases = [load_tokenizer(tmp_path / f"{root.name}-run" / "tokenizer").aliases

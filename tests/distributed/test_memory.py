@@ -1,5 +1,6 @@
 """The memory actor through its client on a local Ray: pushes, snapshots and publications,
-refreshes, restore after a kill; and the client as the package's only caller of the actor."""
+refreshes (at once and pipelined, across a resume), restore after a kill; and the client as the
+package's only caller of the actor."""
 
 import re
 import time
@@ -45,7 +46,7 @@ def make_client(tmp_path, **kw) -> MemoryClient:
 
 
 def without_seconds(stats: dict) -> dict:
-    return {k: v for k, v in stats.items() if k != "seconds"}
+    return {k: v for k, v in stats.items() if k not in ("seconds", "wait_seconds")}
 
 
 def test_no_module_but_the_client_calls_the_memory_actor():
@@ -95,12 +96,13 @@ def test_read_flushes_refreshes_then_publishes(ray_session, tmp_path):
     for m, f, dom, lab, idx in pushes(seed=2):
         client.push(m, f, dom, lab, idx)  # not flushed: read flushes
         bank.push(m, f.numpy(), dom, lab.numpy(), idx.numpy())
-    first, none = client.read(refresh=False)
-    assert none is None and client.in_flight == 0
+    first, none = client.read(refresh=False, step=0)
+    assert none == [] and client.in_flight == 0
     assert int(client.snapshot(first)["pseudo_version"]) == 0
-    second, stats = client.read(refresh=True)
+    second, (stats,) = client.read(refresh=True, step=2)  # lag 0: applied at once
     assert second == first + 1
-    assert without_seconds(stats) == without_seconds(bank.refresh_pseudo_ids())
+    assert without_seconds(stats) == {**without_seconds(bank.refresh_pseudo_ids()),
+                                      "started_step": 2.0}
     published = client.snapshot(second)  # the refresh is in the publication that follows it
     assert int(published["pseudo_version"]) == 1
     assert np.array_equal(published["target_text_pseudo_ids"].numpy(), bank.pseudo_ids()[1])
@@ -110,6 +112,42 @@ def test_read_flushes_refreshes_then_publishes(ray_session, tmp_path):
     client.load_state(state)  # back to the state before that push
     assert int(client.snapshot()["version"]) == int(state["version"])
     client.shutdown()
+
+
+@pytest.mark.slow
+def test_a_lagged_refresh_resumed_in_a_new_actor_publishes_what_the_first_would(ray_session,
+                                                                                tmp_path):
+    stream = list(pushes(seed=4, steps=8))
+    bank = MemoryBank(D, 32, 40, 40, **REFRESH)
+    first = make_client(tmp_path, refresh_lag=4, faiss_threads=0)
+    assert 1 <= first.usage()["refresh_threads"] <= 2  # 0: the CPUs Ray counts (2 here)
+    for item in stream[:16]:
+        first.push(*item)
+        bank.push(item[0], item[1].numpy(), item[2], item[3].numpy(), item[4].numpy())
+    number, applied = first.read(refresh=True, step=4)  # starts, applied from step 8 on
+    assert applied == [] and int(first.snapshot(number)["pseudo_version"]) == 0
+    expected = bank.refresh_pseudo_ids()  # of the memory as it was at the start
+    for item in stream[16:]:  # the tables move on: the refresh must not see it
+        first.push(*item)
+    first.flush()
+    state = first.state()  # "the checkpoint": the pending refresh with its result
+    assert int(state["refresh_apply_at"][0]) == 8
+    second = make_client(tmp_path / "resumed", refresh_lag=4)
+    second.load_state(state)
+    published = []
+    for client in (first, second):
+        assert client.read(refresh=False, step=6)[1] == []  # not yet
+        number, (stats,) = client.read(refresh=False, step=8)
+        assert without_seconds(stats) == {**without_seconds(expected), "started_step": 4.0}
+        published.append(client.snapshot(number))
+        assert np.array_equal(published[-1]["target_text_pseudo_ids"].numpy(),
+                              bank.pseudo_ids()[1])
+    for key, value in published[0].items():
+        assert torch.equal(value, published[1][key]), key
+    usage = first.usage()
+    assert usage["pid"] > 0 and usage["peak_rss_mib"] >= usage["rss_mib"] > 0
+    first.shutdown()
+    second.shutdown()
 
 
 @pytest.mark.slow

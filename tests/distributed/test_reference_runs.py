@@ -29,7 +29,11 @@ RUNS = {
     "source_only": ("method=source_only", "train.epochs=2"),
     "gckd": ("method=gckd", "train.epochs=2", "gckd.warmup_epochs=1", "gckd.queue_size=512",
              "gckd.memory_nodes=16", "gckd.snapshot_every=2", "gckd.pseudo_every=4",
-             "graph.k=5"),
+             "graph.k=5", "gckd.refresh_lag=0"),
+    # the default pipelined refresh (applied refresh_lag steps after it starts)
+    "gckd_lagged": ("method=gckd", "train.epochs=2", "gckd.warmup_epochs=1",
+                    "gckd.queue_size=512", "gckd.memory_nodes=16", "gckd.snapshot_every=2",
+                    "gckd.pseudo_every=4", "graph.k=5", "gckd.refresh_lag=4"),
 }
 
 

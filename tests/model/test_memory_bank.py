@@ -1,16 +1,18 @@
-"""The memory bank without Ray: FIFO queues, target tables, snapshots, pseudo-id refreshes,
-save/load (model/memory_bank.py)."""
+"""The memory bank without Ray: FIFO queues, target tables, snapshots, pseudo-id refreshes
+(at once, and pipelined with a lag, across a resume), save/load (model/memory_bank.py)."""
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from gckd_ray.checkpoint_format import MEMORY_FILE
+from gckd_ray.model import pseudo_refresh
 from gckd_ray.model.centring import SOURCE, TARGET
-from gckd_ray.model.memory_bank import MODALITIES, MemoryBank
+from gckd_ray.model.memory_bank import MODALITIES, PENDING_KEYS, MemoryBank
 
 D = 16
 # The refresh settings these tests were written for (the config owns the run's values).
@@ -111,7 +113,7 @@ def test_target_tables_keep_the_newest_feature_per_row():
 
 
 # ---------------------------------------------------------------------- pseudo-ids
-def clustered_bank(order_seed: int = 0) -> tuple[MemoryBank, dict]:
+def clustered_bank(order_seed: int = 0, **kw) -> tuple[MemoryBank, dict]:
     """3 image+text clusters, two more image+text clusters at cosine 0.3 (below the threshold
     but inside each other's kNN), a caption-only pair and an isolated image."""
     rng = np.random.default_rng(0)
@@ -130,8 +132,8 @@ def clustered_bank(order_seed: int = 0) -> tuple[MemoryBank, dict]:
     txt_rows += [15, 16]
     images.append(unit(e[7]))  # isolated image
     img_rows.append(10)
-    bank = make_bank(queue_size=64, num_target_images=12, num_target_texts=18, pseudo_k=5,
-                     pseudo_threshold=0.5)
+    bank = make_bank(queue_size=64, num_target_images=12, num_target_texts=18,
+                     **{"pseudo_k": 5, "pseudo_threshold": 0.5, **kw})
     order = np.random.default_rng(order_seed).permutation
     pi, pt = order(len(images)), order(len(texts))
     target_push(bank, "image", np.stack(images)[pi], np.array(img_rows)[pi])
@@ -167,6 +169,22 @@ def test_pseudo_ids_are_deterministic_and_ignore_source_entries():
     source_push(other, "text", np.arange(30), labels=np.zeros(30))
     other.refresh_pseudo_ids()
     assert all(np.array_equal(a, b) for a, b in zip(first, other.pseudo_ids()))
+
+
+def test_the_clustered_search_above_the_exact_size_finds_the_same_clusters():
+    bank, _ = clustered_bank()
+    exact = bank.refresh_pseudo_ids()
+    # 17 captions: 4 clusters; probing all 4 compares every pair, probing 2 still separates
+    # these well-apart groups
+    for probes in (4, 2):
+        clustered, _ = clustered_bank(pseudo_probes=probes, pseudo_exact_pairs=11 * 17 - 1)
+        stats = clustered.refresh_pseudo_ids()
+        assert all(np.array_equal(a, b) for a, b in zip(bank.pseudo_ids(), clustered.pseudo_ids()))
+        assert {k: v for k, v in stats.items() if k != "seconds"} == \
+            {k: v for k, v in exact.items() if k != "seconds"}
+    assert make_bank(8, 2, 2, pseudo_probes=0).pseudo_probes == 0
+    with pytest.raises(ValueError, match="refresh_lag"):
+        make_bank(8, 2, 2, refresh_lag=-1)
 
 
 def test_target_labels_never_reach_the_bank():
@@ -283,3 +301,133 @@ def test_the_bank_and_the_pseudo_id_graph_import_no_ray():
                           cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------- pipelined refresh
+READ_EVERY, REFRESH_EVERY, LAG = 2, 4, 6
+
+
+def push_step(bank: MemoryBank, step: int) -> None:
+    """The step's pushes, a function of the step alone: source rows and 6 of the 10 target rows
+    of each modality, moved a little each step."""
+    rng = np.random.default_rng(step)
+    for m in MODALITIES:
+        source_push(bank, m, rng.integers(0, 50, 4))
+        rows = rng.choice(10, 6, replace=False)
+        target_push(bank, m, unit(np.eye(D)[rows % 4] + 0.3 * rng.normal(size=(6, D))), rows)
+
+
+def run_schedule(bank: MemoryBank, first: int, last: int, log: list) -> None:
+    """Steps ``first`` .. ``last`` - 1 of a fake training loop: a read every READ_EVERY steps
+    (a refresh starts every REFRESH_EVERY steps), then the step's pushes. Logs per read the
+    step, the published snapshot and what the refreshes applied there found."""
+    for step in range(first, last):
+        if step % READ_EVERY == 0:
+            applied = bank.refresh_on_schedule(step, start=step > 0 and step % REFRESH_EVERY == 0)
+            log.append((step, bank.snapshot(), [without_timing(a) for a in applied]))
+        push_step(bank, step)
+
+
+def without_timing(stats: dict) -> dict:
+    return {k: v for k, v in stats.items() if k not in ("seconds", "wait_seconds")}
+
+
+def lagged_bank(lag: int = LAG) -> MemoryBank:
+    return make_bank(queue_size=24, num_target_images=10, num_target_texts=10, pseudo_k=2,
+                     pseudo_threshold=0.0, refresh_lag=lag)
+
+
+def assert_same_logs(a: list, b: list) -> None:
+    assert [step for step, _, _ in a] == [step for step, _, _ in b]
+    for (step, snap_a, applied_a), (_, snap_b, applied_b) in zip(a, b):
+        assert applied_a == applied_b, step
+        for key in snap_a:
+            np.testing.assert_array_equal(snap_a[key], snap_b[key], err_msg=f"{key} at {step}")
+
+
+def test_a_lagged_refresh_is_applied_lag_steps_later_on_the_tables_of_its_start():
+    bank, log = lagged_bank(), []
+    run_schedule(bank, 0, 13, log)  # refreshes start at 4, 8, 12; the one of 4 applies at 10
+    applied = {step: [a["started_step"] for a in done] for step, _, done in log if done}
+    assert applied == {10: [4.0]}
+    assert bank.stats()["pending_refreshes"] == 2 and bank.pseudo_version == 1
+    # what a synchronous refresh of the memory as it was before step 4 gives
+    reference = lagged_bank(lag=0)
+    run_schedule(reference, 0, 4, [])
+    reference.refresh_pseudo_ids()
+    published = dict((step, snap) for step, snap, _ in log)
+    for m in MODALITIES:
+        ids = reference.pseudo_ids()[MODALITIES.index(m)]
+        np.testing.assert_array_equal(published[10][f"target_{m}_pseudo_ids"], ids)
+        assert (published[8][f"target_{m}_pseudo_ids"] == -1).all()  # not before step 10
+    # the tables moved since step 4: a refresh of the memory at step 10 would differ
+    now = lagged_bank(lag=0)
+    run_schedule(now, 0, 10, [])
+    now.refresh_pseudo_ids()
+    assert not all(np.array_equal(a, b) for a, b in zip(now.pseudo_ids(), reference.pseudo_ids()))
+
+
+def test_lag_zero_is_the_synchronous_refresh():
+    a, b = lagged_bank(lag=0), lagged_bank(lag=0)
+    run_schedule(a, 0, 4, [])
+    run_schedule(b, 0, 4, [])
+    (applied,) = a.refresh_on_schedule(4, start=True)
+    expected = b.refresh_pseudo_ids()
+    assert without_timing(applied) == {**without_timing(expected), "started_step": 4.0}
+    assert applied["wait_seconds"] < 0.1
+    assert all(np.array_equal(x, y) for x, y in zip(a.pseudo_ids(), b.pseudo_ids()))
+    assert a.stats()["pending_refreshes"] == 0
+
+
+def test_a_late_refresh_is_waited_for_and_applied_all_the_same(monkeypatch):
+    fast, log_fast = lagged_bank(), []
+    run_schedule(fast, 0, 12, log_fast)
+    graph_ids = pseudo_refresh.graph_ids
+
+    def slow_graph_ids(*args):
+        time.sleep(0.5)
+        return graph_ids(*args)
+
+    monkeypatch.setattr(pseudo_refresh, "graph_ids", slow_graph_ids)
+    slow, log_slow = lagged_bank(), []
+    tables = dict(slow._table)
+    for step in range(0, 12):  # runs on while a refresh sleeps: its pushes must not reach it
+        if step % READ_EVERY == 0:
+            applied = slow.refresh_on_schedule(step, step > 0 and step % REFRESH_EVERY == 0)
+            log_slow.append((step, slow.snapshot(), [without_timing(a) for a in applied]))
+            if applied:
+                assert applied[0]["wait_seconds"] > 0.1
+        push_step(slow, step)
+    assert_same_logs(log_fast, log_slow)
+    # pushes wrote the tables in place: the refresh reads its own replica, never these
+    assert all(slow._table[m] is tables[m] for m in MODALITIES)
+
+
+@pytest.mark.parametrize("stop", [5, 9, 11])  # between a start and its apply, and with two
+def test_a_resumed_lagged_run_publishes_exactly_what_an_uninterrupted_one_does(tmp_path, stop):
+    whole, whole_log = lagged_bank(), []
+    run_schedule(whole, 0, 24, whole_log)
+    first, log = lagged_bank(), []
+    run_schedule(first, 0, stop, log)
+    assert first.stats()["pending_refreshes"] >= 1  # started, not applied yet
+    first.save(tmp_path)  # waits for the computing refreshes and saves their results
+    assert set(PENDING_KEYS) <= set(np.load(tmp_path / MEMORY_FILE).files)
+    resumed = MemoryBank.load(tmp_path, pseudo_center=True, pseudo_image_k=0, faiss_threads=1,
+                              refresh_lag=LAG)
+    assert resumed.stats()["pending_refreshes"] == first.stats()["pending_refreshes"]
+    run_schedule(resumed, stop, 24, log)
+    assert_same_logs(whole_log, log)
+    # and loading a state into a bank with refreshes of its own in flight drops those
+    busy = lagged_bank()
+    run_schedule(busy, 0, 13, [])
+    busy.load_state_dict(first.state_dict())
+    assert busy.stats()["pending_refreshes"] == first.stats()["pending_refreshes"]
+
+
+def test_states_saved_before_the_pipelined_refresh_still_load():
+    bank = lagged_bank()
+    run_schedule(bank, 0, 6, [])
+    state = {k: v for k, v in bank.state_dict().items() if k not in PENDING_KEYS}
+    fresh = lagged_bank()
+    fresh.load_state_dict(state)
+    assert fresh.stats()["pending_refreshes"] == 0 and fresh.version == bank.version

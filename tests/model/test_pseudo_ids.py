@@ -24,6 +24,8 @@ def test_cross_modal_mutual_knn_and_components_against_brute_force():
                 if i in images_of[t] and sim[i, t] >= thr}
     assert set(map(tuple, edges.tolist())) == expected and expected
     assert np.array_equal(cross_modal_mutual_edges(images, texts, k, thr, num_threads=0), edges)
+    # the clustered search probing all ~sqrt(30) caption clusters compares every pair
+    assert np.array_equal(cross_modal_mutual_edges(images, texts, k, thr, 1, probes=6), edges)
     labels = connected_components(7, np.array([[5, 6], [0, 3], [3, 1], [6, 4]]))
     assert labels.tolist() == [0, 0, 2, 0, 4, 4, 4]
     assert connected_components(3, np.zeros((0, 2), np.int64)).tolist() == [0, 1, 2]
