@@ -160,8 +160,8 @@ class GCKDConfig:
     # are then, computes in the actor's background thread and is applied at the first read
     # refresh_lag steps later (a fixed lag: runs stay deterministic and resume exactly); the
     # read waits only if it is still computing. 20 steps = pseudo_every: a refresh has until
-    # the next one starts (10 s at 500 ms steps; a CUHK-PEDES-size refresh computed in 5-12 s
-    # on this 2-core machine, moderately loaded: benchmarks/RESULTS.md).
+    # the next one starts (10 s at 500 ms steps; a CUHK-PEDES-size refresh computed in 3.8 s
+    # on an idle 2-core machine, 12-44 s when other jobs took its cores: benchmarks/RESULTS.md).
     refresh_lag: int = option(20, "steps from a pseudo-id refresh's start to the memory read "
                                   "that applies it (0 = synchronous: applied at the read that "
                                   "starts it)")
@@ -176,6 +176,10 @@ class GCKDConfig:
                                               "pseudo-id graph uses the exact kNN search")
     pseudo_probes: int = option(16, "caption clusters each target image is compared with above "
                                     "gckd.pseudo_exact_pairs (0 = exact search at every size)")
+    # For measurement only: experiments.pseudo_curves scores the saved ids against the target
+    # annotation's person ids offline; training never reads them.
+    save_pseudo_ids: bool = option(False, "write the target pseudo-ids of each applied refresh "
+                                          "to <run.output_dir>/pseudo_ids/ (offline audit)")
     memory_max_restarts: int = option(3, "times Ray restarts a dead memory actor (it reloads "
                                          "its last per-epoch save)")
     # Epochs of source-only training before adaptation losses switch on: a from-scratch

@@ -1,5 +1,8 @@
 """The offline diagnostics of experiments/ (the end-to-end call is in distributed/test_train)."""
 
+import math
+
+import numpy as np
 import pytest
 
 from experiments.diagnose_gap import canonical_caption
@@ -134,3 +137,17 @@ def test_table_commands_refuse_a_contradiction_before_any_run(tmp_path, capsys):
         assert "variant gckd: config error: gckd.warmup_epochs=10 >= train.epochs=3" in \
             capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_pseudo_curves_scores_pairs_sharing_a_pseudo_id_against_person_ids():
+    from experiments.pseudo_curves import score_refresh
+
+    # pseudo-id 0: images of persons 5 and 6, a caption of 5; pseudo-id 1: an image of 7,
+    # captions of 7 and 9; the last image and caption have none.
+    scored = score_refresh(np.array([0, 0, 1, -1]), np.array([0, 1, 1, -1]),
+                           np.array([5, 6, 7, 8]), np.array([5, 7, 9, 5]))
+    assert scored == {"pairs": 4, "pair_precision": 0.5, "image_pairs": 1,
+                      "image_pair_precision": 0.0, "image_coverage": 0.75,
+                      "text_coverage": 0.75}
+    nothing = score_refresh(np.array([-1]), np.array([-1]), np.array([1]), np.array([1]))
+    assert nothing["pairs"] == 0 and math.isnan(nothing["pair_precision"])

@@ -354,7 +354,8 @@ class UnpairedTarget:
     image_of: torch.Tensor | None = None  # (N,) caption row -> image row; paired variant only
 
 
-def _target_order(records: list[Record]) -> tuple[list[str], list[Record]]:
+def target_order(records: list[Record]) -> tuple[list[str], list[Record]]:
+    """The memory's target rows: image keys sorted, captions sorted by (text, image key)."""
     keys = sorted({rec.image_key for rec in records})
     return keys, sorted(records, key=lambda r: (r.caption, r.image_key))
 
@@ -362,7 +363,7 @@ def _target_order(records: list[Record]) -> tuple[list[str], list[Record]]:
 def target_pairs(records: list[Record]) -> np.ndarray:
     """Caption row -> image row of the target training set in ``build_unpaired``'s order (the
     paired variant's known pairs; ids are not part of it)."""
-    keys, captions = _target_order(records)
+    keys, captions = target_order(records)
     row = {k: i for i, k in enumerate(keys)}
     return np.array([row[r.image_key] for r in captions], np.int64)
 
@@ -374,7 +375,7 @@ def build_unpaired(domain: DomainRecords, tokenizer: Tokenizer, text_length: int
     target image: they carry no ids); None: they raise."""
     if not domain.records:
         raise ValueError(f"{domain.name}/{domain.split}: no records left to adapt on")
-    keys, captions = _target_order(domain.records)
+    keys, captions = target_order(domain.records)
     image_of = torch.from_numpy(target_pairs(domain.records)) if paired else None
     return _unpaired(domain, keys, captions, tokenizer, text_length, image_size, cache_images,
                      image_of, bad_images)
@@ -388,7 +389,7 @@ def sample_unpaired(domain: DomainRecords, tokenizer: Tokenizer, text_length: in
     on ``seed`` and the sorted image keys and caption texts, as ``build_unpaired``'s order."""
     if not domain.records:
         raise ValueError(f"{domain.name}/{domain.split}: no records left to adapt on")
-    keys, captions = _target_order(domain.records)
+    keys, captions = target_order(domain.records)
     gen = torch.Generator().manual_seed(seed)
     image_rows = torch.randperm(len(keys), generator=gen)[:n].sort().values.tolist()
     caption_rows = torch.randperm(len(captions), generator=gen)[:n].sort().values.tolist()

@@ -201,6 +201,9 @@ class GCKDSteps:
                                              self.device)
             for refreshed in applied if self.log is not None else ():
                 self.log.refresh(epoch, step, refreshed)
+            if applied and self.log is not None and self.cfg.gckd.save_pseudo_ids:
+                self.log.pseudo_ids(epoch, step, self.view.target_image_pseudo.cpu().numpy(),
+                                    self.view.target_text_pseudo.cpu().numpy())
         out = model(src, tgt, self.view, self.adapt)
 
         def after_step(stepped: bool) -> None:

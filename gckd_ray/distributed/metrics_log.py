@@ -18,7 +18,9 @@ with ``method=gckd`` after each target pseudo-id refresh of the memory, where it
 at ``started_step``, ``gckd.refresh_lag`` steps earlier), and with ``data.on_bad_image=skip``
 after each epoch ``{"kind": "skipped_images", "step", "epoch", "epochs", "count": <bad image
 files met so far, all workers>, "files": [...]}``. Steps count the epoch loop's batches
-(micro-batches under gradient accumulation) from the start of the run.
+(micro-batches under gradient accumulation) from the start of the run. With
+``gckd.save_pseudo_ids`` each applied refresh's pseudo-ids also go to
+``pseudo_ids/step_<step>.npz`` (``MetricsLog.pseudo_ids``), for ``experiments.pseudo_curves``.
 
 Resume (``run.resume`` or Ray Train's restart after a failure) starts from a checkpoint after
 some epoch: the records of later epochs, written before the interruption, are dropped so that
@@ -34,9 +36,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+PSEUDO_IDS_DIR = "pseudo_ids"
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -103,6 +107,19 @@ class MetricsLog:
         ``MemoryBank.refresh_on_schedule`` returns."""
         self._append({"kind": "refresh", "step": epoch * self.steps_per_epoch + step,
                       "epoch": epoch + 1, **stats, "time": time.time()})
+
+    def pseudo_ids(self, epoch: int, step: int, image_ids: np.ndarray,
+                   text_ids: np.ndarray) -> Path:
+        """Write the target pseudo-ids applied at the read before step ``step`` of ``epoch``
+        (0-based) to ``pseudo_ids/step_<global step>.npz`` (``image``, ``text``: int32 per
+        target row, -1 = none), atomically (``gckd.save_pseudo_ids``)."""
+        global_step = epoch * self.steps_per_epoch + step
+        path = self.path.parent / PSEUDO_IDS_DIR / f"step_{global_step:07d}.npz"
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez_compressed(tmp, image=image_ids.astype(np.int32), text=text_ids.astype(np.int32))
+        os.replace(tmp, path)
+        return path
 
     def skipped_images(self, epoch: int, files: list[str]) -> None:
         """Append the image files that did not decode and were replaced so far, after ``epoch``

@@ -6,8 +6,10 @@ import math
 import random
 import shutil
 
+import numpy as np
 import pytest
 
+from experiments.pseudo_curves import score_run
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.distributed.launcher import run_training
 from gckd_ray.distributed.metrics_log import METRICS_FILE, read_records
@@ -50,7 +52,8 @@ def test_target_ids_and_pairing_never_reach_training(ray_session, tiny_config, s
     # prefetching must not change a single value either.
     results = [run_training(tiny_config(*GCKD, f"data.target.root={root}",
                                         f"run.output_dir={tmp_path / root.name}-run",
-                                        f"train.prefetch={root is plain}"))
+                                        f"train.prefetch={root is plain}",
+                                        "gckd.save_pseudo_ids=true"))
                for root in (plain, scrambled)]
     first, second = (r["history"] for r in results)
     assert {"cmkd", "gmp", "itc", "id", "itm", "R1", "rerank_R1"} <= set(first[-1])
@@ -71,6 +74,19 @@ def test_target_ids_and_pairing_never_reach_training(ray_session, tiny_config, s
     found = [[{k: v for k, v in r.items() if k not in ("seconds", "wait_seconds", "time")}
               for r in run] for run in refreshes]
     assert found[0] == found[1]
+    # gckd.save_pseudo_ids wrote each applied refresh's ids (the same in both runs), and
+    # experiments.pseudo_curves scores them offline against the target annotation's ids.
+    saved = [sorted((tmp_path / f"{root.name}-run" / "pseudo_ids").glob("*.npz"))
+             for root in (plain, scrambled)]
+    assert [p.name for p in saved[0]] == [f"step_{step:07d}.npz" for step in steps]
+    for ours, theirs in zip(*saved):
+        with np.load(ours) as a, np.load(theirs) as b:
+            assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["text"], b["text"])
+    scored = score_run(tmp_path / "plain-run")
+    assert [r["step"] for r in scored] == steps
+    for row, refresh in zip(scored, refreshes[0]):
+        assert row["text_coverage"] == pytest.approx(refresh["text_coverage"], abs=1e-3)
+        assert row["pairs"] > 0 and 0 <= row["pair_precision"] <= 1
     # The lexical bridge ran, and read only what scrambling leaves intact.
     aliases = [load_tokenizer(tmp_path / f"{root.name}-run" / "tokenizer").aliases
                for root in (plain, scrambled)]
