@@ -71,3 +71,15 @@ def zero3_whole(ray_session, tiny_config_at, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("zero3-whole")
     return out, run_training(tiny_config_at(out, *ZERO3_GCKD, "deepspeed.zero_stage=3"))
+
+
+@pytest.fixture(scope="session")
+def source_only_run(ray_session, tiny_config_at, tmp_path_factory):
+    """A finished 2-worker source-only run of 2 epochs: ``(config, results)``. Shared by the
+    end-to-end results test and the reference-run pin (the same config); read only."""
+    from gckd_ray.distributed.launcher import run_training
+
+    cfg = tiny_config_at(tmp_path_factory.mktemp("source-only"), "method=source_only",
+                         "train.epochs=2")
+    return cfg, run_training(cfg)
+

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 REFERENCE = Path(__file__).with_name("reference_runs.json")
 RUNS = {
-    "source_only": ("method=source_only", "train.epochs=2"),
+    "source_only": ("method=source_only", "train.epochs=2"),  # conftest's source_only_run
     # the pipelined refresh, each applied 4 steps after it starts (with gckd.refresh_lag=0
     # this run reproduced, bit for bit, the reference recorded before the pipelined refresh)
     "gckd": ("method=gckd", "train.epochs=2", "gckd.warmup_epochs=1", "gckd.queue_size=512",
@@ -62,15 +62,19 @@ def _final_checkpoint(output_dir: Path) -> Path:
 
 
 @pytest.mark.parametrize("method", sorted(RUNS))
-def test_same_seed_same_machine_reproduces_the_reference_run(method, ray_session, tiny_config):
+def test_same_seed_same_machine_reproduces_the_reference_run(method, request, tiny_config):
     recorded = json.loads(REFERENCE.read_text()) if REFERENCE.is_file() else {}
     key = f"{machine_fingerprint()}/{method}"
     record = os.environ.get("GCKD_RECORD_REFERENCE") == "1"
     if key not in recorded and not record:
         pytest.skip(f"no reference run recorded on this machine ({key}); record with "
                     "GCKD_RECORD_REFERENCE=1")
-    cfg = tiny_config(*RUNS[method])
-    results = run_training(cfg)
+    if method == "source_only":  # the same config as the shared end-to-end run: reuse it
+        cfg, results = request.getfixturevalue("source_only_run")
+    else:
+        request.getfixturevalue("ray_session")
+        cfg = tiny_config(*RUNS[method])
+        results = run_training(cfg)
     run = {"final": results["final"],
            "model_sha256": model_digest(load_model_state(
                _final_checkpoint(Path(cfg.run.output_dir))))}
