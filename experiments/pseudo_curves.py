@@ -2,16 +2,17 @@
 target labels)
 
     python -m experiments.pseudo_curves RUN_DIR [RUN_DIR ...] [--out pseudo_curves.png]
-                                        [--json pseudo_curves.json]
+                                        [--json pseudo_curves.jsonl]
 
 For runs trained with ``gckd.save_pseudo_ids=true`` (each applied refresh's ids are in
 ``RUN_DIR/pseudo_ids/step_*.npz``). The run's config comes from its newest checkpoint; the
 target training split is read again with its person ids, in the memory's row order
 (``datasets.target_order``). Per refresh: ``pair_precision`` (of all image-caption pairs that
 share a pseudo-id, the share that show one person: what the pseudo-positive losses pull
-together), ``image_pair_precision`` (the same for image-image pairs) and ``image_coverage`` /
-``text_coverage`` (rows with a pseudo-id). Prints one JSON line per refresh, writes them all to
-``--json`` and draws precision and coverage against step, one line per run, to ``--out``.
+together; null without such pairs), ``image_pair_precision`` (the same for image-image pairs)
+and ``image_coverage`` / ``text_coverage`` (rows with a pseudo-id). Prints one JSON line per
+refresh, writes them all to ``--json`` and draws precision and coverage against step, one
+line per run, to ``--out``.
 Ground-truth target ids are read here and only here: training never sees them.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -67,9 +69,9 @@ def score_refresh(image_ids: np.ndarray, text_ids: np.ndarray, image_pids: np.nd
     right = sum(n * texts.get(key, 0) for key, n in images.items())
     image_pairs = sum(n * (n - 1) // 2 for n in images_per_group.values())
     image_right = sum(n * (n - 1) // 2 for n in images.values())
-    return {"pairs": pairs, "pair_precision": right / pairs if pairs else float("nan"),
+    return {"pairs": pairs, "pair_precision": right / pairs if pairs else None,
             "image_pairs": image_pairs,
-            "image_pair_precision": image_right / image_pairs if image_pairs else float("nan"),
+            "image_pair_precision": image_right / image_pairs if image_pairs else None,
             "image_coverage": float((image_ids >= 0).mean()) if len(image_ids) else 0.0,
             "text_coverage": float((text_ids >= 0).mean()) if len(text_ids) else 0.0}
 
@@ -97,14 +99,18 @@ def plot(rows: list[dict[str, float]], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = (("pair_precision", "image-caption pair precision"),
-              ("image_pair_precision", "image-image pair precision"),
-              ("text_coverage", "caption coverage"))
+    panels = [(key, title) for key, title in (
+        ("pair_precision", "image-caption pair precision"),
+        ("image_pair_precision", "image-image pair precision"),
+        ("text_coverage", "caption coverage"))
+        if any(r[key] is not None for r in rows)]  # no image-image pairs: no panel
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = axes[0]
     for run in dict.fromkeys(r["run"] for r in rows):
         mine = [r for r in rows if r["run"] == run]
         for ax, (key, _) in zip(axes, panels):
-            ax.plot([r["step"] for r in mine], [r[key] for r in mine], label=Path(run).name)
+            ax.plot([r["step"] for r in mine],
+                    [math.nan if r[key] is None else r[key] for r in mine], label=Path(run).name)
     for ax, (_, title) in zip(axes, panels):
         ax.set_title(title)
         ax.set_xlabel("step")

@@ -8,8 +8,9 @@ import shutil
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from experiments.pseudo_curves import score_run
+from experiments import pseudo_curves
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.distributed.launcher import run_training
 from gckd_ray.distributed.metrics_log import METRICS_FILE, read_records
@@ -82,7 +83,14 @@ def test_target_ids_and_pairing_never_reach_training(ray_session, tiny_config, s
     for ours, theirs in zip(*saved):
         with np.load(ours) as a, np.load(theirs) as b:
             assert np.array_equal(a["image"], b["image"]) and np.array_equal(a["text"], b["text"])
-    scored = score_run(tmp_path / "plain-run")
+    capsys.readouterr()
+    assert pseudo_curves.main([str(tmp_path / "plain-run"), "--out", str(tmp_path / "pc.png"),
+                               "--json", str(tmp_path / "pc.jsonl")]) == 0
+    scored = [json.loads(line) for line in (tmp_path / "pc.jsonl").read_text().splitlines()]
+    assert scored == [json.loads(line) for line in capsys.readouterr().out.splitlines()
+                      if line.startswith("{")]
+    with Image.open(tmp_path / "pc.png") as png:
+        assert png.format == "PNG"
     assert [r["step"] for r in scored] == steps
     for row, refresh in zip(scored, refreshes[0]):
         assert row["text_coverage"] == pytest.approx(refresh["text_coverage"], abs=1e-3)
