@@ -1,5 +1,7 @@
 """The offline diagnostics of experiments/ (the end-to-end call is in distributed/test_train)."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -149,3 +151,38 @@ def test_pseudo_curves_scores_pairs_sharing_a_pseudo_id_against_person_ids():
                       "text_coverage": 0.75}
     nothing = score_refresh(np.array([-1]), np.array([-1]), np.array([1]), np.array([1]))
     assert nothing["pairs"] == 0 and nothing["pair_precision"] is None
+
+
+def test_spearman_uses_average_ranks_and_refuses_too_little():
+    from experiments.selection_check import spearman
+
+    assert spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert spearman([1, 2, 3, 4], [40, 30, 20, 10]) == pytest.approx(-1.0)
+    # ties: x ranks (0.5, 0.5, 2, 3) against y ranks (0, 1, 2, 3): Pearson of the ranks
+    assert spearman([5, 5, 6, 7], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)
+    assert spearman([1, 2], [1, 2]) is None and spearman([1, 1, 1], [1, 2, 3]) is None
+
+
+def test_selection_check_reads_runs_and_reports_within_and_across(tmp_path, capsys):
+    from experiments import selection_check
+
+    def run(name, points):
+        out = tmp_path / name
+        out.mkdir()
+        lines = [{"kind": "train", "epoch": 1, "losses": {}}]
+        lines += [{"kind": "eval", "epoch": e, "metrics": {"target_mnn": m, "R1": r}}
+                  for e, (m, r) in enumerate(points, 1)]
+        lines.append({"kind": "eval", "epoch": 9, "metrics": {"target_mnn": 1.0}})  # no R1
+        (out / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        return str(out)
+
+    a = run("a", [(1.0, 10.0), (2.0, 20.0), (3.0, 15.0)])  # picks epoch 3: R1 15, best 20
+    b = run("b", [(1.0, 5.0), (2.0, 6.0), (4.0, 7.0)])
+    assert selection_check.main([a, b, "--out", str(tmp_path / "t.md")]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["mean_rho_within_runs"] == pytest.approx((0.5 + 1.0) / 2)
+    assert last["rho_across_runs"] is None  # two runs: too few to rank
+    assert last["picked_minus_last_R1"] == 0.0
+    assert "| 3 | 15.00 | 20.00 | 15.00 |" in (tmp_path / "t.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+        selection_check.main([str(tmp_path)])
