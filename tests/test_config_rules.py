@@ -85,7 +85,7 @@ def test_the_cli_stops_without_starting_ray():
     (("distill.mode=mnf_csc", "distill.alpha=0.5"), "train",
      "distill.alpha=0.5 (distill.mode is not cmkd and loss.weights.i2i=0)"),
     (("gckd.use_pseudo_ids=false", "gckd.pseudo_image_k=1"), "train",
-     "gckd.pseudo_image_k=1 (gckd.use_pseudo_ids=false)"),
+     "gckd.pseudo_image_k=1 (gckd.use_pseudo_ids=false: no refresh runs)"),
     (("distill.mode=cmkd", "distill.csc_tau0=0.1"), "train",
      "distill.csc_tau0=0.1 (distill.mode is not mnf_csc)"),
     (("matching.enabled=false", "matching.rerank_top_k=5"), "train",

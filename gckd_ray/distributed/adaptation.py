@@ -155,7 +155,10 @@ def refresh_due(epoch: int, step: int, steps: int, cfg: Config) -> bool:
     """Whether the memory read at (epoch, step) starts a pseudo-id refresh: it does when a
     multiple of ``gckd.pseudo_every`` global steps lies after the previous read and up to this
     one. A pure function of the schedule, so a resumed run refreshes exactly when an
-    uninterrupted one does (and applies each refresh at the same later read)."""
+    uninterrupted one does (and applies each refresh at the same later read). Never with
+    ``gckd.use_pseudo_ids=false``: nothing would read the ids."""
+    if not cfg.gckd.use_pseudo_ids:
+        return False
     snap, every = cfg.gckd.snapshot_every, cfg.gckd.pseudo_every
     now = epoch * steps + step
     if step >= snap:

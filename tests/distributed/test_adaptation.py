@@ -13,7 +13,8 @@ from gckd_ray.data.datasets import (Captions, IdentityBalancedSampler, PairedSpl
                                     UnpairedTarget, load_split, load_unpaired)
 from gckd_ray.data.tokenizer import WordTokenizer
 from gckd_ray.data.transforms import TrainAugment, normalize
-from gckd_ray.distributed.adaptation import GCKDSteps, TargetFeed, push_teacher, views
+from gckd_ray.distributed.adaptation import (GCKDSteps, TargetFeed, push_teacher, refresh_due,
+                                              views)
 from gckd_ray.distributed.loop import loader_processes, prepared_batches
 from gckd_ray.model.centring import SOURCE, TARGET
 from gckd_ray.model.memory_bank import MemoryBank
@@ -204,3 +205,14 @@ def test_gckd_overhead_benchmark_smoke(ray_session):
     assert all(v > 0 for v in parts.values()) and result["compute_ms"] > 0
     assert result["graph_nodes"] == 4 * 8 + 4 * 8       # batch 8 per domain and modality + C
     assert 0 < result["memory_and_graph_share"] < 1
+
+
+def test_refreshes_start_on_the_pseudo_every_schedule_and_never_without_pseudo_ids():
+    cfg = load_config(None, ["gckd.snapshot_every=5", "gckd.pseudo_every=20"])
+    steps = 31  # reads at steps 0, 5, ..., 30 of each epoch
+    due = [(e, s) for e in range(2) for s in range(0, steps, 5) if refresh_due(e, s, steps, cfg)]
+    # global steps 20, 40 (epoch 1 step 9 -> read at 10), 60 (step 29 -> read at 30)
+    assert due == [(0, 20), (1, 10), (1, 30)]
+    off = load_config(None, ["gckd.snapshot_every=5", "gckd.pseudo_every=20",
+                             "gckd.use_pseudo_ids=false"])
+    assert not any(refresh_due(e, s, steps, off) for e in range(2) for s in range(0, steps, 5))
