@@ -31,7 +31,8 @@ _DISTILL_TEMPERATURES = ("distill.tau_s", "distill.tau_t", "distill.alpha")  # C
 _MNF_CSC = ("distill.mnf_hidden", "distill.mnf_margin", "distill.csc_tau0",
             "distill.csc_tau_min", "distill.csc_tau_max", "loss.weights.csc",
             "loss.weights.mnf_triplet", "loss.weights.mnf_l1")
-_GRAPH = ("graph.k", "graph.num_layers", "graph.temperature", "loss.weights.gmp")
+_GRAPH = ("graph.k", "graph.num_layers", "graph.temperature", "loss.weights.gmp",
+          "gckd.memory_nodes")
 _MATCHING = ("matching.hard_negatives", "matching.hidden", "matching.num_heads",
              "matching.num_layers", "matching.rerank_top_k", "matching.rerank_weight",
              "loss.weights.itm")
