@@ -55,11 +55,18 @@ VARIANTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def variant_overrides(variant: str, extra: list[str]) -> list[str]:
+    """A table's ``key=value`` overrides set the base every variant starts from, so the
+    variant's own switches come last and win (``gckd_no_graph`` stays graphless when the table
+    turns the graph on for all)."""
+    return [*extra, *VARIANTS[variant]]
+
+
 def run_one(variant: str, seed: int, root: Path, extra: list[str], recorded: dict | None = None,
             before_start=lambda: None, config: str = "") -> dict:
     """The results of ``root/<variant>-seed<seed>``: the finished run there, else ``recorded``
     (a final an earlier table recorded), else a new ``python -m gckd_ray.train`` run (from the
-    YAML ``config`` if given, then the variant's and the ``extra`` overrides), started after
+    YAML ``config`` if given, then the ``extra`` and the variant's overrides), started after
     ``before_start()`` returns."""
     out = root / f"{variant}-seed{seed}"
     results = out / "results.json"
@@ -69,7 +76,7 @@ def run_one(variant: str, seed: int, root: Path, extra: list[str], recorded: dic
         return recorded
     before_start()
     cmd = [sys.executable, "-m", "gckd_ray.train", *(["--config", config] if config else []),
-           *VARIANTS[variant], f"run.seed={seed}", f"run.output_dir={out}", *extra]
+           *variant_overrides(variant, extra), f"run.seed={seed}", f"run.output_dir={out}"]
     print(f"[{time.strftime('%H:%M:%S')}] {variant} seed {seed}: {' '.join(cmd[1:])}", flush=True)
     start = time.perf_counter()
     with open(root / f"{variant}-seed{seed}.log", "w") as log:
@@ -111,7 +118,8 @@ def parse_with_recorded(parser: argparse.ArgumentParser, argv, what: str) -> arg
                              "pretrained.yaml); the variant's overrides apply on top")
     parser.add_argument("--recorded", nargs="*", default=[], metavar="JSON",
                         help=f"{what} finals are reused instead of rerun (only without overrides)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="the base every variant starts from; its own switches win")
     args = parser.parse_args(argv)
     if args.recorded and (args.overrides or args.config):
         parser.error("--recorded finals were measured without --config or overrides")
@@ -126,7 +134,7 @@ def refuse_contradictions(parser: argparse.ArgumentParser, variants: list[str],
     check each ``python -m gckd_ray.train`` run would fail on, once per run)."""
     for variant in variants:
         try:
-            errors, _ = check(load_config(config or None, [*VARIANTS[variant], *overrides]),
+            errors, _ = check(load_config(config or None, variant_overrides(variant, overrides)),
                               "train")
         except InputError as err:
             errors = [str(err)]

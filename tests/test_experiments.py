@@ -97,6 +97,17 @@ def test_run_one_prefers_the_finished_run_then_the_recorded_final_and_starts_not
     assert starts == []  # neither waited for a start slot
 
 
+def test_a_variants_switches_win_over_the_tables_overrides():
+    from experiments import run_table
+
+    from gckd_ray.config import load_config
+
+    table = ["graph.enabled=true", "train.epochs=3"]
+    cfg = load_config(None, run_table.variant_overrides("gckd_no_graph", table))
+    assert cfg.graph.enabled is False and cfg.train.epochs == 3
+    assert load_config(None, run_table.variant_overrides("gckd", table)).graph.enabled is True
+
+
 def test_protocols_reuse_finished_runs_and_recorded_finals_and_say_so(tmp_path):
     import json
 
