@@ -43,8 +43,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     # Augmentation alone: teacher and student see the same strong view.
     "gckd_strong_views_both": ("method=gckd", "gckd.strong_views=both"),
     # Plain self-training: the teacher's own distribution over in-batch keys; no graph, no
-    # memory, no pseudo-ids, no matching head, no domain centring, no lexical bridge, one view.
-    "self_training": ("method=gckd", "graph.enabled=false", "gckd.use_memory=false",
+    # memory, no pseudo-ids, no matching head, no domain centring, no lexical bridge, one view
+    # (CMKD named, as a config with distillation off would leave nothing to train on).
+    "self_training": ("method=gckd", "distill.mode=cmkd", "graph.enabled=false", "gckd.use_memory=false",
                       "gckd.use_pseudo_ids=false", "matching.enabled=false",
                       "gckd.domain_centring=false", "gckd.vocab_bridge=false",
                       "gckd.strong_views=none", "distill.alpha=0.0"),
