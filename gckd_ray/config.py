@@ -409,6 +409,15 @@ class Config:
     def protocol(self) -> str:
         return f"{self.data.source.name}->{self.data.target.name}"
 
+    @property
+    def target_losses_on(self) -> bool:
+        """Whether an adaptation loss reads the target batch's student embeddings and the
+        memory: graph propagation, the matching head, a distillation mode or i2i. Without one,
+        GCKD's adaptation is its domain centring and lexical bridge: the step skips the target
+        student forward, the memory reads and pushes, and the pseudo-id refreshes."""
+        return (self.graph.enabled or self.matching.enabled or self.distill.mode != "none"
+                or bool(self.loss.weights.i2i))
+
     def with_absolute_paths(self) -> "Config":
         """A copy whose non-empty path fields are absolute (for processes in other cwds)."""
         out = config_from_dict(self.to_dict())

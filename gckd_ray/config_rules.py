@@ -33,6 +33,10 @@ _MNF_CSC = ("distill.mnf_hidden", "distill.mnf_margin", "distill.csc_tau0",
             "loss.weights.mnf_triplet", "loss.weights.mnf_l1")
 _GRAPH = ("graph.k", "graph.num_layers", "graph.temperature", "loss.weights.gmp",
           "gckd.memory_nodes")
+_PSEUDO_REFRESH = ("gckd.pseudo_every", "gckd.pseudo_k", "gckd.pseudo_threshold",
+                   "gckd.pseudo_image_k", "gckd.pseudo_center", "gckd.refresh_lag",
+                   "gckd.refresh_threads", "gckd.pseudo_exact_pairs", "gckd.pseudo_probes",
+                   "gckd.save_pseudo_ids")
 _MATCHING = ("matching.hard_negatives", "matching.hidden", "matching.num_heads",
              "matching.num_layers", "matching.rerank_top_k", "matching.rerank_weight",
              "loss.weights.itm")
@@ -69,11 +73,12 @@ INERT_GROUPS: tuple[InertGroup, ...] = (
                lambda c: c.distill.mode != "cmkd" and not c.loss.weights.i2i,
                _DISTILL_TEMPERATURES),
     InertGroup("gckd.use_pseudo_ids=false: no refresh runs",
-               lambda c: not c.gckd.use_pseudo_ids,
-               ("gckd.pseudo_every", "gckd.pseudo_k", "gckd.pseudo_threshold",
-                "gckd.pseudo_image_k", "gckd.pseudo_center", "gckd.refresh_lag",
-                "gckd.refresh_threads", "gckd.pseudo_exact_pairs", "gckd.pseudo_probes",
-                "gckd.save_pseudo_ids")),
+               lambda c: not c.gckd.use_pseudo_ids, _PSEUDO_REFRESH),
+    InertGroup("graph, matching, distillation and i2i are all off: no loss reads the target "
+               "students or the memory",
+               lambda c: not c.target_losses_on,
+               ("gckd.use_memory", "gckd.queue_size", "gckd.snapshot_every",
+                "gckd.target_text_grad") + _PSEUDO_REFRESH),
     InertGroup("distill.mode is not mnf_csc", lambda c: c.distill.mode != "mnf_csc", _MNF_CSC),
     InertGroup("gckd.domain_centring=false", lambda c: not c.gckd.domain_centring,
                ("gckd.centring_momentum",)),

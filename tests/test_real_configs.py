@@ -6,7 +6,7 @@ Besides the paths, the test sets what this 2-core CPU machine needs (``train.use
 ``train.cpus_per_worker=1``), and
 ``gckd.warmup_epochs=0`` with ``run.stop_after_epochs=1`` so its one epoch is an adaptation
 epoch of the 60-epoch schedule (the IRRA recipe: caption epochs, 384x128, 77 tokens, random
-erasing, new-module learning rate, ZeRO-2, queue 65,536)."""
+erasing, new-module learning rate, ZeRO-2)."""
 
 from __future__ import annotations
 

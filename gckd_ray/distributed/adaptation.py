@@ -156,8 +156,8 @@ def refresh_due(epoch: int, step: int, steps: int, cfg: Config) -> bool:
     multiple of ``gckd.pseudo_every`` global steps lies after the previous read and up to this
     one. A pure function of the schedule, so a resumed run refreshes exactly when an
     uninterrupted one does (and applies each refresh at the same later read). Never with
-    ``gckd.use_pseudo_ids=false``: nothing would read the ids."""
-    if not cfg.gckd.use_pseudo_ids:
+    ``gckd.use_pseudo_ids=false`` or without a target loss: nothing would read the ids."""
+    if not (cfg.gckd.use_pseudo_ids and cfg.target_losses_on):
         return False
     snap, every = cfg.gckd.snapshot_every, cfg.gckd.pseudo_every
     now = epoch * steps + step
@@ -175,7 +175,8 @@ class GCKDSteps:
     ``gckd.snapshot_every`` steps (starting and applying pseudo-id refreshes on schedule;
     ``log``, rank 0's ``MetricsLog``, records each refresh where it is applied); after the
     optimizer step the teacher follows by EMA and its features are pushed to the memory (rank
-    0 pushes)."""
+    0 pushes). Without a target loss (``Config.target_losses_on``) the memory is neither read
+    nor pushed to: the teacher then only feeds the domain means."""
 
     def __init__(self, split: PairedSplit, sampler, feed: TargetFeed, memory: MemoryClient,
                  augment, cfg: Config, device: torch.device, rank: int,
@@ -197,7 +198,7 @@ class GCKDSteps:
 
     def forward(self, model, batch, epoch: int, step: int, steps: int) -> StepResult:
         idx, src, tgt = batch
-        if step % self.cfg.gckd.snapshot_every == 0:
+        if self.cfg.target_losses_on and step % self.cfg.gckd.snapshot_every == 0:
             self.view, applied = read_memory(self.memory,
                                              refresh_due(epoch, step, steps, self.cfg),
                                              epoch * steps + step, self.cfg, self.rank,
@@ -212,7 +213,8 @@ class GCKDSteps:
         def after_step(stepped: bool) -> None:
             if stepped:
                 unwrap(model).ema_step()
-            push_teacher(self.pusher, out.teacher, self.split, idx, tgt)
+            if self.cfg.target_losses_on:  # else no loss reads the memory
+                push_teacher(self.pusher, out.teacher, self.split, idx, tgt)
         return StepResult(out.losses, out.stats, after_step)
 
     def end_epoch(self) -> None:

@@ -92,6 +92,7 @@ class GCKDDistiller(nn.Module):
                     if cfg.distill.mode == "mnf_csc" else None)
         self.gckd, self.graph_cfg, self.distill = cfg.gckd, cfg.graph, cfg.distill
         self.hard_negatives = cfg.matching.hard_negatives
+        self.target_losses_on = cfg.target_losses_on
         self.weights = cfg.loss.weights
 
     @torch.no_grad()
@@ -110,7 +111,7 @@ class GCKDDistiller(nn.Module):
         s_img, s_txt, s_tok = self._student(source, SOURCE, with_tokens)          # (B, D)
         with record_function("gckd.source_loss"):
             losses = self.objective(s_img, s_txt, source["pids"])
-        if not adapt:
+        if not (adapt and self.target_losses_on):
             return StepOutput(losses, teacher, {})
         g_img, g_txt, g_tok = self._student(target, TARGET, with_tokens)          # (Bi|Bt, D)
         if not self.gckd.target_text_grad:

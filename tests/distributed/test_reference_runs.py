@@ -32,6 +32,11 @@ RUNS = {
     "gckd": ("method=gckd", "train.epochs=2", "gckd.warmup_epochs=1", "gckd.queue_size=512",
              "gckd.memory_nodes=16", "gckd.snapshot_every=2", "gckd.pseudo_every=4",
              "graph.k=5", "gckd.refresh_lag=4"),
+    # pretrained.yaml's GCKD: domain centring and the lexical bridge with every target loss
+    # off (recorded before the step learned to skip the target students and the memory then)
+    "gckd_alignment": ("method=gckd", "train.epochs=2", "gckd.warmup_epochs=1",
+                       "distill.mode=none", "graph.enabled=false", "matching.enabled=false",
+                       "gckd.use_pseudo_ids=false"),
 }
 
 

@@ -56,6 +56,28 @@ def test_losses_by_phase_and_switches():
     assert "itm" not in no_matching(source, target, _memory(), adapt=True).losses
 
 
+def test_without_target_losses_the_student_encodes_the_source_batch_only():
+    """pretrained.yaml's adaptation (every target loss off): the teacher still encodes both
+    batches for the domain means; the student encodes the source batch alone, as in warm-up."""
+    off = ("distill.mode=none", "graph.enabled=false", "matching.enabled=false")
+    cfg, model, source, target = _setup(*off)
+    assert not cfg.target_losses_on
+    seen, encode_image = [], model.encoder.encode_image
+
+    def spy(images, domain):
+        seen.append(domain)
+        return encode_image(images, domain)
+    model.encoder.encode_image = spy
+    out = model(source, target, None, adapt=True)
+    assert seen == [0]  # SOURCE only
+    assert set(out.losses) == {"itc", "id", "loss"} and out.stats == {}
+    assert set(out.teacher) == {"src_image", "src_text", "tgt_image", "tgt_text"}
+    assert bool(model.encoder.centring.seen[1].all())  # the target means still move
+    for on in ("distill.mode=cmkd", "graph.enabled=true", "matching.enabled=true",
+               "loss.weights.i2i=0.5"):
+        assert load_config(None, [*off, on]).target_losses_on, on
+
+
 def test_gradients_reach_student_not_teacher_and_ema_moves_teacher():
     cfg, model, source, target = _setup()
     model(source, target, _memory(), adapt=True).losses["loss"].backward()
