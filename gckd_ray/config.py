@@ -350,6 +350,9 @@ class RunConfig:
     stop_after_epochs: int = option(0,
                                     "stop after this many epochs of this invocation, checkpointed "
                                     "(0 = run all); continue with run.resume=true")
+    # Two: the newest, and the one before it should the newest be cut off mid-write.
+    keep_checkpoints: int = option(2, "per-epoch checkpoints kept under ray/ (0 = every one, "
+                                      "e.g. for offline audits of each epoch)")
 
 
 def _default_search_space() -> dict[str, dict[str, list]]:
@@ -472,8 +475,9 @@ class Config:
         for key in ("train.lr", "train.cpus_per_worker", "data.synth_scale", "loss.sdm_temperature",
                     "loss.itc_temperature", "train.new_module_lr_scale"):
             _positive(key, get_key(self, key))
-        for key in ("run.stop_after_epochs", "train.weight_decay", "train.warmup_epochs",
-                    "train.grad_clip", "train.max_failures", "train.eval_every",
+        for key in ("run.stop_after_epochs", "run.keep_checkpoints", "train.weight_decay",
+                    "train.warmup_epochs", "train.grad_clip", "train.max_failures",
+                    "train.eval_every",
                     "gckd.bridge_margin", "loss.weights.sdm", "loss.weights.itc", "loss.weights.id",
                     "loss.weights.cmkd", "loss.weights.gmp", "loss.weights.itm", "loss.weights.i2i",
                     "loss.weights.csc", "loss.weights.mnf_triplet", "loss.weights.mnf_l1",

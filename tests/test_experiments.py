@@ -164,6 +164,32 @@ def test_pseudo_curves_scores_pairs_sharing_a_pseudo_id_against_person_ids():
     assert nothing["pairs"] == 0 and nothing["pair_precision"] is None
 
 
+def test_graph_precision_scores_each_edge_by_the_persons_it_joins():
+    import torch
+
+    from experiments.graph_precision import node_identities, score_graph
+
+    # Pairs of nodes 1 degree apart, pairs 90 degrees apart, k=1: 0<->1 (source image and
+    # caption of person 1), 2<->3 (target image and caption of person 1), 4<->5 (a target
+    # image of person 2 and a source caption of person 2: other domains, never one person).
+    angles = torch.tensor([0.0, 1.0, 90.0, 91.0, 180.0, 181.0]).deg2rad()
+    feats = torch.stack([angles.cos(), angles.sin()], 1)
+    person = np.array([2, 2, 3, 3, 5, 4])  # node_identities' space: 2p source, 2q+1 target
+    is_target = np.array([False, False, True, True, True, False])
+    is_text = np.array([False, True, False, True, False, True])
+    scored = score_graph(feats, person, np.arange(6), is_target, is_text, k=1)
+    assert scored == pytest.approx({
+        "edge_precision": 4 / 6, "target_edge_precision": 2 / 3,
+        "target_cross_modal_precision": 1.0, "cross_domain_share": 1 / 3,
+        "target_edge_ceiling": 2 / 3})
+    # two copies of one caption (item 1 pushed twice) are no evidence: that edge is not scored
+    copies = score_graph(feats, person, np.array([1, 1, 2, 3, 4, 5]), is_target, is_text, k=1)
+    assert copies["edge_precision"] == pytest.approx(2 / 4)  # 0<->1 dropped
+    memory = {"image_domain": np.array([0, 1, 1]), "image_labels": np.array([7, -1, -1]),
+              "image_indices": np.array([3, 0, 1])}
+    assert node_identities(memory, "image", np.array([7, 9])).tolist() == [14, 15, 19]
+
+
 def test_spearman_uses_average_ranks_and_refuses_too_little():
     from experiments.selection_check import spearman
 

@@ -211,7 +211,7 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
         run_config=RunConfig(
             name=run_name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints or None),
             callbacks=list(callbacks),
             # Train's per-report INFO lines would drown the progress output.
             logging_config=LoggingConfig(log_level="WARNING")),

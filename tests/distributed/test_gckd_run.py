@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from experiments import pseudo_curves
+from experiments import graph_precision, pseudo_curves
 from gckd_ray.data.tokenizer import load_tokenizer
 from gckd_ray.distributed.launcher import run_training
 from gckd_ray.distributed.metrics_log import METRICS_FILE, read_records
@@ -95,6 +95,13 @@ def test_target_ids_and_pairing_never_reach_training(ray_session, tiny_config, s
     for row, refresh in zip(scored, refreshes[0]):
         assert row["text_coverage"] == pytest.approx(refresh["text_coverage"], abs=1e-3)
         assert row["pairs"] > 0 and 0 <= row["pair_precision"] <= 1
+    # experiments.graph_precision scores the step graphs of each kept checkpoint's memory.
+    assert graph_precision.main([str(tmp_path / "plain-run"), "--draws", "2"]) == 0
+    graphs = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("{")]
+    assert [r["epoch"] for r in graphs] == [1, 2] and all(r["context"] == 16 for r in graphs)
+    assert all(0 <= r[key] <= 1 for r in graphs for key in (
+        "edge_precision", "target_edge_precision", "cross_domain_share", "target_edge_ceiling"))
     # The lexical bridge ran, and read only what scrambling leaves intact.
     aliases = [load_tokenizer(tmp_path / f"{root.name}-run" / "tokenizer").aliases
                for root in (plain, scrambled)]

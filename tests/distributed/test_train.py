@@ -75,7 +75,8 @@ def test_two_worker_source_only_run_writes_results(source_only_run, capsys):
 
 
 def test_eval_every_lean_checkpoints_and_the_final_model(ray_session, tiny_config, capsys):
-    cfg = tiny_config("method=source_only", "train.epochs=3", "train.eval_every=2")
+    cfg = tiny_config("method=source_only", "train.epochs=3", "train.eval_every=2",
+                      "run.keep_checkpoints=0")
     out = Path(cfg.run.output_dir)
     results = run_training(cfg)
 
@@ -92,7 +93,7 @@ def test_eval_every_lean_checkpoints_and_the_final_model(ray_session, tiny_confi
 
     # Checkpoints hold trained state only and name the run's one tokenizer.
     checkpoints = sorted(p.parent for p in out.glob("ray/*/checkpoint_*/state.json"))
-    assert len(checkpoints) == 2  # CheckpointConfig(num_to_keep=2)
+    assert len(checkpoints) == 3  # run.keep_checkpoints=0: one per epoch, all kept
     for ckpt in checkpoints:
         state = json.loads((ckpt / "state.json").read_text())
         assert not (ckpt / "tokenizer").exists() and state["references"]["pretrained"] is None
