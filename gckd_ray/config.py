@@ -421,6 +421,12 @@ class Config:
         return (self.graph.enabled or self.matching.enabled or self.distill.mode != "none"
                 or bool(self.loss.weights.i2i))
 
+    @property
+    def uses_memory(self) -> bool:
+        """Whether the run has a GCKD memory actor: only a target loss reads the memory, so
+        without one none is started, fed, autosaved or checkpointed."""
+        return self.method == "gckd" and self.target_losses_on
+
     def with_absolute_paths(self) -> "Config":
         """A copy whose non-empty path fields are absolute (for processes in other cwds)."""
         out = config_from_dict(self.to_dict())

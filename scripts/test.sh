@@ -22,7 +22,7 @@ run_pytest() {  # pytest's exit status, 5 (nothing collected) turned into 1
   return "$rc"
 }
 
-run_pytest --durations=10 "$@"
+run_pytest --durations=25 "$@"
 suite=$?
 echo "== numeric tests again with ATEN_CPU_CAPABILITY=default =="
 ATEN_CPU_CAPABILITY=default run_pytest -m "not slow" "${NUMERIC[@]}"

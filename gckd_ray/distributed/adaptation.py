@@ -175,10 +175,11 @@ class GCKDSteps:
     ``gckd.snapshot_every`` steps (starting and applying pseudo-id refreshes on schedule;
     ``log``, rank 0's ``MetricsLog``, records each refresh where it is applied); after the
     optimizer step the teacher follows by EMA and its features are pushed to the memory (rank
-    0 pushes). Without a target loss (``Config.target_losses_on``) the memory is neither read
-    nor pushed to: the teacher then only feeds the domain means."""
+    0 pushes). Without a target loss (``Config.target_losses_on``) the run has no memory
+    (``memory`` None): the teacher then only feeds the domain means."""
 
-    def __init__(self, split: PairedSplit, sampler, feed: TargetFeed, memory: MemoryClient,
+    def __init__(self, split: PairedSplit, sampler, feed: TargetFeed,
+                 memory: MemoryClient | None,
                  augment, cfg: Config, device: torch.device, rank: int,
                  log: MetricsLog | None):
         self.split, self.sampler, self.feed, self.augment = split, sampler, feed, augment
@@ -198,7 +199,7 @@ class GCKDSteps:
 
     def forward(self, model, batch, epoch: int, step: int, steps: int) -> StepResult:
         idx, src, tgt = batch
-        if self.cfg.target_losses_on and step % self.cfg.gckd.snapshot_every == 0:
+        if self.memory is not None and step % self.cfg.gckd.snapshot_every == 0:
             self.view, applied = read_memory(self.memory,
                                              refresh_due(epoch, step, steps, self.cfg),
                                              epoch * steps + step, self.cfg, self.rank,
@@ -213,9 +214,10 @@ class GCKDSteps:
         def after_step(stepped: bool) -> None:
             if stepped:
                 unwrap(model).ema_step()
-            if self.cfg.target_losses_on:  # else no loss reads the memory
+            if self.memory is not None:  # every rank joins push_teacher's all-gather
                 push_teacher(self.pusher, out.teacher, self.split, idx, tgt)
         return StepResult(out.losses, out.stats, after_step)
 
     def end_epoch(self) -> None:
-        self.memory.flush()
+        if self.memory is not None:
+            self.memory.flush()

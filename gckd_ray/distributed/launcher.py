@@ -197,7 +197,7 @@ def run_training(cfg: Config, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     loop_config = {"cfg": cfg.to_dict(), "tokenizer_dir": str(tokenizer_dir.resolve()),
                    "references": references}
     memory = None
-    if cfg.method == "gckd":
+    if cfg.uses_memory:
         memory = start_memory(cfg, run_name, target_train)
         loop_config["memory_actor"] = memory_actor_name(run_name)
     trainer = Trainer(

@@ -82,14 +82,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                     _lr_lambda(cfg, sampler.steps_per_epoch),
                                     on_gpu=cfg.train.use_gpu)
     augment = TrainAugment(seed=cfg.run.seed * 7919 + rank, erase_prob=cfg.data.random_erasing)
-    memory = MemoryClient.connect(loop_config["memory_actor"]) if gckd else None
+    memory = MemoryClient.connect(loop_config["memory_actor"]) if cfg.uses_memory else None
     state: dict[str, Any] = {"epoch": 0, "history": []}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with usable_checkpoint(checkpoint, log=rank == 0) as ckpt_dir:  # verified
             state, extras = load_training_state(ckpt_dir, model, scheduler, rank, world,
                                                 pretrained=references["pretrained"])
-            memory_state = load_memory_state(ckpt_dir) if rank == 0 and gckd else None
+            memory_state = (load_memory_state(ckpt_dir)
+                            if rank == 0 and memory is not None else None)
         torch.set_rng_state(extras["torch_rng"])
         augment.load_state_dict({"generator": extras["augment_rng"]})
         if gckd:  # older checkpoints have no "ema": its masters are rebuilt from the teacher
@@ -127,13 +128,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             row["skipped_images"] = len(state["skipped_images"])
             if log is not None:
                 log.skipped_images(epoch + 1, state["skipped_images"])
-        if gckd and rank == 0:
+        if memory is not None and rank == 0:
             memory.autosave()  # the memory restarts from here if its actor dies
         extras = {"torch_rng": torch.get_rng_state(),
                   "augment_rng": augment.state_dict()["generator"]}
         if gckd:  # the teacher's fp32 EMA masters: per rank (shard-shaped under ZeRO-3)
             extras["ema"] = unwrap(model).ema_state.state_dict()
-        memory_state = memory.state() if gckd and rank == 0 else None
+        memory_state = memory.state() if memory is not None and rank == 0 else None
         _report(cfg, model, scheduler, state, references, rank, extras, memory_state)
         if stopping:
             if log is not None:

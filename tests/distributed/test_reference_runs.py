@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gckd_ray.checkpoint_format import load_model_state
+from gckd_ray.checkpoint_format import load_memory_state, load_model_state
 from gckd_ray.distributed.launcher import run_training
 
 pytestmark = pytest.mark.slow
@@ -38,6 +38,7 @@ RUNS = {
                        "distill.mode=none", "graph.enabled=false", "matching.enabled=false",
                        "gckd.use_pseudo_ids=false"),
 }
+SHARED_RUNS = {"source_only": "source_only_run", "gckd_alignment": "alignment_run"}
 
 
 def machine_fingerprint() -> str:
@@ -61,6 +62,22 @@ def model_digest(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+@pytest.fixture(scope="module")
+def alignment_run(ray_session, tiny_config_at, tmp_path_factory):
+    """The finished ``gckd_alignment`` run: ``(config, results)``; read only."""
+    cfg = tiny_config_at(tmp_path_factory.mktemp("alignment"), *RUNS["gckd_alignment"])
+    return cfg, run_training(cfg)
+
+
+def test_gckd_without_target_losses_starts_no_memory(alignment_run):
+    cfg, results = alignment_run
+    assert cfg.method == "gckd" and not cfg.uses_memory
+    output_dir = Path(cfg.run.output_dir)
+    assert not (output_dir / "memory").exists()  # never autosaved: no actor was started
+    assert load_memory_state(_final_checkpoint(output_dir)) is None
+    assert [row["epoch"] for row in results["history"]] == [1, 2]  # one adaptation epoch ran
+
+
 def _final_checkpoint(output_dir: Path) -> Path:
     return max(output_dir.glob("ray/*/checkpoint_*/state.json"),
                key=lambda p: p.parent.name).parent
@@ -74,8 +91,8 @@ def test_same_seed_same_machine_reproduces_the_reference_run(method, request, ti
     if key not in recorded and not record:
         pytest.skip(f"no reference run recorded on this machine ({key}); record with "
                     "GCKD_RECORD_REFERENCE=1")
-    if method == "source_only":  # the same config as the shared end-to-end run: reuse it
-        cfg, results = request.getfixturevalue("source_only_run")
+    if method in SHARED_RUNS:  # the same run as other tests': reuse it
+        cfg, results = request.getfixturevalue(SHARED_RUNS[method])
     else:
         request.getfixturevalue("ray_session")
         cfg = tiny_config(*RUNS[method])
