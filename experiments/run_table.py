@@ -51,8 +51,10 @@ VARIANTS: dict[str, tuple[str, ...]] = {
                       "gckd.strong_views=none", "distill.alpha=0.0"),
     # The easier variant: target pairs known (ids still unknown).
     "gckd_paired": ("method=gckd", "data.target.paired=true"),
-    # The second distillation mode (model/mnf_csc.py) in place of CMKD.
-    "gckd_mnf_csc": ("method=gckd", "distill.mode=mnf_csc"),
+    # The second distillation mode (model/mnf_csc.py) in place of CMKD, with the pseudo-ids
+    # its target positives and partners come from (pretrained.yaml turns them off; without
+    # them every target row would be a negative only).
+    "gckd_mnf_csc": ("method=gckd", "distill.mode=mnf_csc", "gckd.use_pseudo_ids=true"),
 }
 
 
