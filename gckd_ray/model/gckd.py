@@ -310,6 +310,11 @@ class GCKDDistiller(nn.Module):
             + triplet_loss(student_img[txt_partner][txt_known].detach(), t_txt[txt_known],
                            p_txt[txt_known], d.mnf_margin))
         stats["mnf_gate_mean"] = torch.cat([gate_img, gate_txt]).detach().mean().item()
+        # Every MNF/CSC term compares cosines, which a uniform gate leaves unchanged: how far
+        # the gate turns the teacher's features is what it does.
+        stats["mnf_gate_cos"] = nn.functional.cosine_similarity(
+            torch.cat([p_img, p_txt]).detach().float(), torch.cat([t_img, t_txt]).float()
+        ).mean().item()
         w = self.weights
         return {"csc": w.csc * 0.5 * (t2i + i2t), "mnf_triplet": w.mnf_triplet * triplet,
                 "mnf_l1": w.mnf_l1 * (l1_img + l1_txt)}

@@ -127,4 +127,4 @@ def test_paired_variant_uses_each_captions_own_image(ray_session, tiny_config, t
     assert adapted["itm_target_pairs"] > 0
     assert {"csc", "mnf_triplet", "mnf_l1", "gmp"} <= set(adapted) and "cmkd" not in adapted
     assert all(math.isfinite(adapted[k]) for k in ("csc", "mnf_triplet", "mnf_l1", "loss"))
-    assert 0 < adapted["mnf_gate_mean"] < 1
+    assert 0 < adapted["mnf_gate_mean"] < 1 and 0 < adapted["mnf_gate_cos"] <= 1

@@ -181,12 +181,26 @@ def _distiller_step(*overrides):
     return model, model(source, target, _memory(), adapt=True)
 
 
+def test_a_uniform_gate_turns_no_feature_whatever_its_mean():
+    from test_gckd import _memory, _setup
+
+    cfg, model, source, target = _setup("distill.mode=mnf_csc")
+    with torch.no_grad():
+        for noise_filter in (model.mnf.image, model.mnf.text):
+            noise_filter.weight2.zero_()
+            noise_filter.bias2.fill_(-2.0)  # gate = sigmoid(-2) = 0.12 on every dimension
+    stats = model(source, target, _memory(), adapt=True).stats
+    assert stats["mnf_gate_mean"] == pytest.approx(0.1192, abs=1e-4)
+    assert stats["mnf_gate_cos"] == pytest.approx(1.0, abs=1e-5)  # float32 cosines
+
+
 def test_gckd_step_with_mnf_csc_trains_the_gate_not_the_teacher():
     model, out = _distiller_step()
     assert {"csc", "mnf_triplet", "mnf_l1", "gmp", "itm"} <= set(out.losses)
     assert "cmkd" not in out.losses
     assert all(torch.isfinite(v) for v in out.losses.values())
     assert 0 < out.stats["mnf_gate_mean"] < 1
+    assert 0 < out.stats["mnf_gate_cos"] < 1  # a random gate turns every feature somewhat
     out.losses["loss"].backward()
     for name, p in model.mnf.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
